@@ -1,0 +1,1 @@
+"""Flax modules of AST and the pure functions they are built from."""
