@@ -1,0 +1,91 @@
+"""The curriculum as data: which phase a step belongs to, and the step-indexed schedules.
+
+Phase numbers follow the paper: 1 = background pretraining (its own run of steps, its own state),
+2 = foreground against the frozen background, 3 = foreground and background fine-tuned together.
+Phases 2 and 3 share one global step counter `t` = number of optimiser steps already taken.
+"""
+
+import jax.numpy as jnp
+import ml_collections
+
+from ast_seg_jax.losses import quadratic_warmup
+
+SCENARIOS = ("curriculum", "baseline", "frozen_background")
+
+PHASE_BACKGROUND = 1
+PHASE_FOREGROUND = 2
+PHASE_JOINT = 3
+
+
+def check_scenario(config: ml_collections.ConfigDict) -> None:
+    """Raises a ValueError naming the problem when the curriculum keys do not fit together."""
+    if config.scenario not in SCENARIOS:
+        raise ValueError(
+            f"config.scenario={config.scenario!r} is not one of {', '.join(SCENARIOS)}."
+        )
+    if config.scenario == "curriculum" and not (
+        0 <= config.freeze_background_steps <= config.num_train_steps
+    ):
+        raise ValueError(
+            "config.freeze_background_steps must lie in [0, config.num_train_steps], got "
+            f"{config.freeze_background_steps} and {config.num_train_steps}."
+        )
+
+
+def needs_background_pretraining(config: ml_collections.ConfigDict) -> bool:
+    """Whether the scenario starts from a pretrained background (phase 1 or a restored one)."""
+    return config.scenario in ("curriculum", "frozen_background")
+
+
+def phase_of(step: int, config: ml_collections.ConfigDict) -> int:
+    """The phase (2 or 3) of the optimiser step that follows `step` steps already taken."""
+    if config.scenario == "baseline":
+        return PHASE_JOINT
+    if config.scenario == "frozen_background":
+        return PHASE_FOREGROUND
+    return PHASE_FOREGROUND if step < config.freeze_background_steps else PHASE_JOINT
+
+
+def should_reset_optimizer(step: int, config: ml_collections.ConfigDict) -> bool:
+    """True right before the first phase-3 step of a curriculum run (the official Adam rebuild)."""
+    return (
+        config.scenario == "curriculum"
+        and config.reset_optimizer_at_phase3
+        and 0 < config.freeze_background_steps == step
+    )
+
+
+def foreground_learning_rate(step, config: ml_collections.ConfigDict):
+    """Learning rate for the optimiser step that follows `step` steps already taken.
+
+    With s = step + 1 (the official 1-based counter), base rate L, warm-up W and T total steps:
+    lr = L * min(1, s / W)^2 for s < W; L until s >= decay_fraction * T; 0.1 * L afterwards.
+
+    Args:
+      step: scalar int (Python or traced).
+      config: the run's config.
+
+    Returns:
+      A float32 scalar.
+    """
+    s = jnp.asarray(step, jnp.float32) + 1.0
+    base = config.learning_rate
+    warmup = quadratic_warmup(s, max(config.warmup_steps, 1))
+    decayed = jnp.where(s >= config.decay_fraction * config.num_train_steps, 0.1, 1.0)
+    return base * warmup * decayed
+
+
+def background_learning_rate(step, config: ml_collections.ConfigDict):
+    """Phase-1 learning rate: constant, x0.1 once step >= floor(decay_fraction * steps)."""
+    bg = config.background
+    boundary = int(bg.decay_fraction * bg.num_train_steps)
+    s = jnp.asarray(step, jnp.float32)
+    return bg.learning_rate * jnp.where(s >= boundary, 0.1, 1.0)
+
+
+def pixel_entropy_weight(step, config: ml_collections.ConfigDict):
+    """lambda * min(1, t / N_pix)^2 with t = optimiser steps already taken (0 on the first step)."""
+    t = jnp.asarray(step, jnp.float32)
+    return config.pixel_entropy_weight * quadratic_warmup(
+        t, max(config.pixel_entropy_warmup_steps, 1)
+    )

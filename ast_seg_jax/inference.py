@@ -1,0 +1,126 @@
+"""Running a trained model on users' images: loading, segmentation, object lists and latents.
+
+Images of any size are resized (bilinear, whole image, no crop) to the model's input size; label maps come
+back at the image's original size (nearest). Object positions and boxes are given in the original image's
+pixel coordinates.
+"""
+
+import functools
+import os
+
+import jax
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ast_seg_jax.models.compositing import segment
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# PIL modes that have a faithful RGB meaning; others (e.g. CMYK, 16-bit, float) are refused.
+SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
+
+
+def list_images(path: str) -> list[str]:
+    """`path` itself if it is a file, else the image files directly inside the folder, sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is neither an image file nor a folder.")
+    files = sorted(
+        os.path.join(path, f)
+        for f in os.listdir(path)
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(path, f))
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"The folder {path!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return files
+
+
+def load_image(path: str) -> np.ndarray:
+    """An RGB uint8 [h, w, 3] array; a clear ValueError for unreadable files or unsupported modes."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in SUPPORTED_MODES:
+                raise ValueError(
+                    f"{path}: image mode {img.mode!r} is not supported "
+                    f"(use one of {', '.join(SUPPORTED_MODES)}, e.g. 8-bit RGB)."
+                )
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            return np.asarray(img.convert("RGB"), np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e}).") from e
+
+
+def resize_for_model(image: np.ndarray, image_hw) -> np.ndarray:
+    """uint8 [h, w, 3] -> float32 [H, W, 3] in [0, 1] at the model's size (PIL bilinear)."""
+    h, w = image_hw
+    resized = Image.fromarray(image).resize((w, h), Image.BILINEAR)
+    return np.asarray(resized, np.float32) / 255.0
+
+
+class Segmenter:
+    """Applies a trained AST model to single images."""
+
+    def __init__(self, model, variables, image_hw):
+        self.model = model
+        self.variables = variables
+        self.image_hw = tuple(image_hw)
+        self._apply = jax.jit(functools.partial(model.apply, train=False))
+
+    def __call__(self, image: np.ndarray) -> dict:
+        """Segments one RGB uint8 image of any size.
+
+        Returns:
+          A dict with `labels` (uint8 [h, w] at the original size, 0 = background), `objects` (a list of
+          dicts, one per slot), and the latents `z_what` [k, z], `xy` [k, 2], `scale` [k, 2],
+          `activation_logit` [k] (model coordinates: x, y in [-1, 1]).
+        """
+        h0, w0 = image.shape[:2]
+        x = resize_for_model(image, self.image_hw)[None]
+        out = self._apply(self.variables, x, None)
+        labels_small = np.asarray(segment(out.weights))[0].astype(np.uint8)
+        labels = np.asarray(
+            Image.fromarray(labels_small).resize((w0, h0), Image.NEAREST), np.uint8
+        )
+        xy = np.asarray(out.xy)[0]
+        scale = np.asarray(out.scale)[0]
+        act = np.asarray(out.activation_logit)[0]
+        objects = []
+        for k in range(xy.shape[0]):
+            mask = labels == k + 1
+            area = int(mask.sum())
+            obj = {
+                "slot": k + 1,
+                "visible": area > 0,
+                "pixel_area": area,
+                # Centre in pixels of the original image (align_corners=False convention).
+                "center_xy": [
+                    float((xy[k, 0] + 1) * w0 / 2 - 0.5),
+                    float((xy[k, 1] + 1) * h0 / 2 - 0.5),
+                ],
+                # Size of the glimpse's support in pixels (the object spans 2/s of the image side).
+                "glimpse_size_wh": [float(w0 / scale[k, 0]), float(h0 / scale[k, 1])],
+                "activation_logit": float(act[k]),
+                "bbox_xyxy": None,
+            }
+            if area:
+                rows, cols = np.nonzero(mask)
+                obj["bbox_xyxy"] = [
+                    int(cols.min()),
+                    int(rows.min()),
+                    int(cols.max()) + 1,
+                    int(rows.max()) + 1,
+                ]
+            objects.append(obj)
+        return {
+            "labels": labels,
+            "objects": objects,
+            "z_what": np.asarray(out.z_what)[0],
+            "xy": xy,
+            "scale": scale,
+            "activation_logit": act,
+        }

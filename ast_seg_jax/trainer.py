@@ -1,0 +1,596 @@
+"""Training: the jit-compiled data-parallel steps and the curriculum loop around them.
+
+`train_and_evaluate(config, workdir)` runs the whole curriculum of a config:
+
+  1. background pretraining (phase 1) into WORKDIR/background, unless the scenario does not use it or
+     `config.background.restore_from` names another run's background;
+  2. (optionally) precomputing the frozen background of every training image;
+  3. phases 2 and 3 into WORKDIR/checkpoints;
+  4. evaluation on the eval split, written to WORKDIR/eval/<split>/.
+
+Every piece resumes: rerunning the same command continues from the latest complete checkpoint of whichever
+phase the run was in. One jitted step per phase; batches are sharded over the mesh axis "data" and the state
+is replicated, so the same code runs on one CPU, several GPUs or several hosts.
+"""
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ast_seg_jax import (
+    checkpointing,
+    curriculum,
+    evaluator,
+    input_pipeline,
+    losses,
+    optim,
+    train_state,
+)
+from ast_seg_jax.models.background import BackgroundAutoencoder
+from ast_seg_jax.models.build import build_model
+from ast_seg_jax.typing import BACKGROUND, IMAGE, INDEX
+
+PRECOMPUTED_FILE = "train_backgrounds.npy"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or the gradients become NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Set-up helpers.
+
+
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all (or the given) devices, axis name "data"."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    """Places every array of `tree` on all devices of `mesh` (a copy: safe to donate later)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda x: jax.device_put(jnp.array(x, copy=True), sharding), tree
+    )
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Fails early, with the offending key, on values that cannot work together."""
+    curriculum.check_scenario(config)
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % num_devices:
+            raise ValueError(
+                f"config.{key}={config[key]} is not divisible by the {num_devices} devices."
+            )
+    if (
+        curriculum.needs_background_pretraining(config)
+        and config.background.num_train_steps > 0
+        and not config.background.restore_from
+        and config.background.batch_size % num_devices
+    ):
+        raise ValueError(
+            f"config.background.batch_size={config.background.batch_size} is not divisible by the "
+            f"{num_devices} devices."
+        )
+    h, w = config.data.image_size
+    if h < 16 or w < 16:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} is too small."
+        )
+
+
+def check_workdir(workdir: str) -> None:
+    """Makes sure `workdir` exists and can be written before any work is done."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"The workdir {workdir!r} cannot be written: {e}") from e
+
+
+def init_variables(model, image_hw, rng):
+    """Initial variables of `model` ({'params': ..., 'batch_stats': ...}) for images of `image_hw`."""
+    dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    rngs = {"params": rng, "dropout": rng}
+    return jax.jit(functools.partial(model.init, train=False))(rngs, dummy)
+
+
+def load_pretrained_encoder(params, checkpoint_dir: str):
+    """`params` with the feature generator's encoder replaced by a Hugging Face MiT checkpoint."""
+    from ast_seg_jax import pretrained  # Reads files; imported only when asked for.
+
+    _, encoder_params = pretrained.load_hf_encoder_params(checkpoint_dir)
+    current = params["feature_generator"]["encoder"]
+    want = jax.tree.map(lambda x: x.shape, current)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), encoder_params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ValueError(
+            f"The encoder in {checkpoint_dir!r} does not fit config.model.segformer_variant: "
+            "its parameter tree or shapes differ from the model's."
+        )
+    params = dict(params)
+    params["feature_generator"] = dict(params["feature_generator"])
+    params["feature_generator"]["encoder"] = jax.tree.map(jnp.asarray, encoder_params)
+    return params
+
+
+def _tree_norm(tree):
+    return optax.global_norm(tree)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Steps (pure functions; static collaborators bound with functools.partial).
+
+
+def background_train_step(state: train_state.TrainState, batch, *, model, config):
+    """One phase-1 step: the AE-NE robust loss on the background autoencoder."""
+    image = batch[IMAGE]
+    lr = curriculum.background_learning_rate(state.step, config)
+
+    def loss_fn(params):
+        rgba = model.apply({"params": params}, image)
+        return losses.background_loss(image, rgba).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    tx = optim.background_optimizer(config)
+    opt_state = optim.with_learning_rate(state.opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = _tree_norm(grads)
+    metrics = {
+        "loss": loss,
+        "learning_rate": lr,
+        "l2_grads": grad_norm,
+        "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def foreground_train_step(
+    state: train_state.TrainState,
+    batch,
+    *,
+    model,
+    background_model,
+    config,
+    phase: int,
+):
+    """One phase-2 or phase-3 step.
+
+    Phase 2: the background comes from `batch['background']` (precomputed) or from the frozen background
+    network run under stop_gradient; background parameters do not change. Phase 3: the model runs its
+    background network live and every parameter trains.
+    """
+    image = batch[IMAGE]
+    step = state.step
+    rng = jax.random.fold_in(state.rng, step)
+    lr = curriculum.foreground_learning_rate(step, config)
+    entropy_weight = curriculum.pixel_entropy_weight(step, config)
+
+    def loss_fn(params):
+        background = None
+        if phase == curriculum.PHASE_FOREGROUND:
+            if BACKGROUND in batch:
+                background = batch[BACKGROUND]
+            else:
+                rgba = background_model.apply(
+                    {"params": params["background_model"]}, image
+                )
+                background = jax.lax.stop_gradient(rgba[..., :3])
+        out, new_vars = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            image,
+            background,
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
+        rec = losses.reconstruction_loss(image, out.reconstruction).mean()
+        pix = losses.pixel_entropy_loss(out.weights).mean()
+        total = rec + entropy_weight * pix
+        return total, (rec, pix, new_vars.get("batch_stats", {}), out)
+
+    (loss, (rec, pix, batch_stats, out)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(state.params)
+    tx = optim.foreground_optimizer(config)
+    opt_state = optim.with_learning_rate(state.opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if phase == curriculum.PHASE_FOREGROUND:
+        # Frozen in phase 2, whatever the optimiser would do to zero gradients.
+        params = {**params, "background_model": state.params["background_model"]}
+
+    grad_norm = _tree_norm(grads)
+    # A slot counts as active if its weight reaches 1e-3 somewhere in the batch (official statistic).
+    slot_max = jnp.max(out.weights[:, 1:], axis=(0, 2, 3))
+    metrics = {
+        "loss": loss,
+        "reconstruction_loss": rec,
+        "pixel_entropy_loss": pix,
+        "pixel_entropy_weight": entropy_weight,
+        "learning_rate": lr,
+        "l2_grads": grad_norm,
+        "l2_params": _tree_norm(params),
+        "l2_updates": _tree_norm(updates),
+        "active_slots": jnp.sum(slot_max >= 1e-3),
+        "mse": jnp.mean(jnp.sum((out.reconstruction - image) ** 2, axis=(1, 2, 3))),
+        "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    }
+    new_state = state.replace(
+        step=step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def compile_step(step_fn, mesh: Mesh):
+    """jit with a replicated, donated state and a batch sharded on "data"."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step_fn, out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Periodic reporting.
+
+
+class Progress:
+    """Console progress lines (step, phase, loss terms, steps/s, ETA) and TensorBoard scalars."""
+
+    def __init__(self, writer, name: str, total_steps: int, start_step: int):
+        self.writer = writer
+        self.name = name
+        self.total = total_steps
+        self.last_step = start_step
+        self.last_time = time.time()
+
+    def report(self, step: int, metrics: dict, phase: int) -> None:
+        now = time.time()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        scalars = {
+            f"train/{k}": float(v) for k, v in metrics.items() if k != "is_finite"
+        }
+        scalars["train/phase"] = phase
+        scalars["train/steps_per_second"] = rate
+        self.writer.write_scalars(step, scalars)
+        terms = " ".join(
+            f"{k.replace('_loss', '')} {float(metrics[k]):.4g}"
+            for k in ("loss", "reconstruction_loss", "pixel_entropy_loss", "mse")
+            if k in metrics
+        )
+        logging.info(
+            "%s step %d/%d phase %d | %s | %.2f steps/s | ETA %s",
+            self.name,
+            step,
+            self.total,
+            phase,
+            terms,
+            rate,
+            _format_seconds(eta),
+        )
+
+
+def _format_seconds(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def _check_finite(metrics: dict, step: int, last_good: int, name: str) -> None:
+    if not bool(metrics["is_finite"]):
+        raise NonFiniteLossError(
+            f"{name}: the loss or the gradients became NaN or infinite between steps {last_good} and "
+            f"{step}. Training stopped; the last checkpoint (step <= {last_good}) is kept."
+        )
+
+
+def _is_time(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 1.
+
+
+def train_background(config, workdir: str, mesh: Mesh, writer, background_model):
+    """Runs (or resumes, or skips when finished) phase 1 and returns the background parameters."""
+    bg = config.background
+    directory = os.path.join(workdir, checkpointing.BACKGROUND_DIR)
+    mngr = checkpointing.manager(directory, config.max_checkpoints_to_keep)
+    tx = optim.background_optimizer(config)
+    rng = jax.random.PRNGKey(config.seed)
+    params = init_variables(background_model, tuple(config.data.image_size), rng)[
+        "params"
+    ]
+    state = replicate(train_state.create(params, {}, tx, rng), mesh)
+    restored = checkpointing.restore_latest(mngr, state)
+    if restored is not None:
+        state = restored
+        logging.info("Phase 1: resuming from step %d.", int(state.step))
+    start = int(state.step)
+    if start >= bg.num_train_steps:
+        mngr.close()
+        return state.params
+    step_fn = compile_step(
+        functools.partial(background_train_step, model=background_model, config=config),
+        mesh,
+    )
+    batches = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=bg.batch_size, seed=config.seed, start_step=start
+    )
+    progress = Progress(writer, "background", bg.num_train_steps, start)
+    logging.info(
+        "Phase 1: background pretraining, steps %d..%d.", start, bg.num_train_steps
+    )
+    last_good = start
+    for step in range(start + 1, bg.num_train_steps + 1):
+        batch = input_pipeline.to_global_arrays(_image_only(next(batches)), mesh)
+        state, metrics = step_fn(state, batch)
+        log_now = _is_time(step, config.log_loss_every_steps, bg.num_train_steps)
+        save_now = _is_time(step, config.checkpoint_every_steps, bg.num_train_steps)
+        if log_now or save_now:
+            metrics = jax.device_get(metrics)
+            _check_finite(metrics, step, last_good, "Phase 1")
+            last_good = step
+            if log_now:
+                progress.report(step, metrics, curriculum.PHASE_BACKGROUND)
+            if save_now:
+                checkpointing.save(mngr, state)
+    mngr.wait_until_finished()
+    mngr.close()
+    return state.params
+
+
+def _image_only(batch):
+    return {IMAGE: batch[IMAGE]}
+
+
+def precompute_backgrounds(config, workdir: str, mesh: Mesh, background_model, params):
+    """Writes the uint8 background of every training image (by `index`) and returns it as a memmap.
+
+    As in the official code, float backgrounds in [0, 1] are scaled to 0..255 and truncated to uint8.
+    The file is written under a temporary name and renamed when complete.
+    """
+    directory = os.path.join(workdir, checkpointing.BACKGROUND_DIR, "precomputed")
+    path = os.path.join(directory, PRECOMPUTED_FILE)
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    os.makedirs(directory, exist_ok=True)
+    split = config.data.train_split
+    n = input_pipeline.num_examples(config.data, split)
+    h, w = config.data.image_size
+    tmp = path + ".tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
+    apply = jax.jit(lambda p, x: background_model.apply({"params": p}, x)[..., :3])
+    params = replicate(params, mesh)
+    logging.info("Precomputing the backgrounds of %d training images.", n)
+    done = 0
+    start = time.time()
+    for batch in input_pipeline.create_eval_iterator(
+        config.data, split=split, global_batch_size=config.eval_batch_size
+    ):
+        valid = np.asarray(batch["valid"], bool)
+        arrays = input_pipeline.to_global_arrays(_image_only(batch), mesh)
+        rgb = np.asarray(jax.device_get(apply(params, arrays[IMAGE])))
+        out[batch[INDEX][valid]] = (np.clip(rgb[valid], 0.0, 1.0) * 255.0).astype(
+            np.uint8
+        )
+        done += int(valid.sum())
+        if done % (20 * config.eval_batch_size) < config.eval_batch_size:
+            logging.info("  %d/%d backgrounds (%.0f s)", done, n, time.time() - start)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phases 2 and 3.
+
+
+def create_foreground_state(config, model, background_params, rng):
+    """Initial phase-2/3 state: fresh foreground, pretrained (or fresh) background, optional MiT encoder."""
+    variables = init_variables(model, tuple(config.data.image_size), rng)
+    params = dict(variables["params"])
+    if background_params is not None:
+        params["background_model"] = background_params
+    if config.model.pretrained_encoder:
+        if config.model.feature_generator != "segformer":
+            raise ValueError(
+                "config.model.pretrained_encoder needs config.model.feature_generator='segformer'."
+            )
+        params = load_pretrained_encoder(params, config.model.pretrained_encoder)
+    tx = optim.foreground_optimizer(config)
+    return train_state.create(
+        params, variables.get("batch_stats", {}), tx, jax.random.fold_in(rng, 1)
+    )
+
+
+def train_foreground(
+    config, workdir, mesh, writer, model, background_model, background_params
+):
+    """Runs (or resumes) phases 2 and 3 and returns the final state."""
+    mngr = checkpointing.manager(
+        os.path.join(workdir, checkpointing.CHECKPOINT_DIR),
+        config.max_checkpoints_to_keep,
+    )
+    rng = jax.random.PRNGKey(config.seed)
+    state = replicate(
+        create_foreground_state(config, model, background_params, rng), mesh
+    )
+    restored = checkpointing.restore_latest(mngr, state)
+    if restored is not None:
+        state = restored
+        logging.info("Phases 2-3: resuming from step %d.", int(state.step))
+    start, total = int(state.step), config.num_train_steps
+    if start >= total:
+        mngr.close()
+        return state
+
+    precomputed = None
+    uses_phase2 = curriculum.phase_of(start, config) == curriculum.PHASE_FOREGROUND
+    if uses_phase2 and config.background.precompute:
+        precomputed = precompute_backgrounds(
+            config, workdir, mesh, background_model, state.params["background_model"]
+        )
+    steps = {}
+    for phase in (curriculum.PHASE_FOREGROUND, curriculum.PHASE_JOINT):
+        fn = functools.partial(
+            foreground_train_step,
+            model=model,
+            background_model=background_model,
+            config=config,
+            phase=phase,
+        )
+        steps[phase] = compile_step(fn, mesh)
+    tx = optim.foreground_optimizer(config)
+
+    batches = input_pipeline.create_train_iterator(
+        config.data,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start,
+    )
+    vis_batch = _visualisation_batch(config)
+    progress = Progress(writer, "foreground", total, start)
+    logging.info("Phases 2-3 (%s): steps %d..%d.", config.scenario, start, total)
+    last_good = start
+    for step in range(start, total):
+        phase = curriculum.phase_of(step, config)
+        if curriculum.should_reset_optimizer(step, config):
+            logging.info(
+                "Step %d: phase 3 starts; Adam restarts over all parameters.", step
+            )
+            state = state.replace(opt_state=replicate(tx.init(state.params), mesh))
+        batch = next(batches)
+        host = {IMAGE: batch[IMAGE]}
+        if phase == curriculum.PHASE_FOREGROUND and precomputed is not None:
+            host[BACKGROUND] = (
+                precomputed[np.asarray(batch[INDEX])].astype(np.float32) / 255.0
+            )
+        state, metrics = steps[phase](
+            state, input_pipeline.to_global_arrays(host, mesh)
+        )
+
+        done = step + 1
+        log_now = _is_time(done, config.log_loss_every_steps, total)
+        save_now = _is_time(done, config.checkpoint_every_steps, total)
+        if log_now or save_now:
+            metrics = jax.device_get(metrics)
+            _check_finite(metrics, done, last_good, "Phases 2-3")
+            last_good = done
+            if log_now:
+                progress.report(done, metrics, phase)
+            if save_now:
+                checkpointing.save(mngr, state)
+        if vis_batch is not None and _is_time(
+            done, config.log_images_every_steps, total
+        ):
+            figure = evaluator.figure_for_batch(model, state, vis_batch, mesh)
+            writer.write_images(done, {"samples": figure[None]})
+    mngr.wait_until_finished()
+    mngr.close()
+    return state
+
+
+def _visualisation_batch(config, num: int = 6):
+    """A few fixed eval images (and labels) for the periodic image summaries."""
+    if config.log_images_every_steps <= 0:
+        return None
+    batch = next(
+        iter(
+            input_pipeline.create_eval_iterator(
+                config.data,
+                split=config.data.eval_split,
+                global_batch_size=config.eval_batch_size,
+            )
+        )
+    )
+    return {k: v[:num] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole curriculum.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every phase of `config` in `workdir` (resuming where it stopped) and evaluates the result.
+
+    Returns:
+      The evaluation metrics (dataset means), also written to WORKDIR/eval/<split>/metrics.json.
+    """
+    check_workdir(workdir)
+    mesh = create_mesh()
+    check_config(config, mesh.size)
+    is_lead = jax.process_index() == 0
+    if is_lead:
+        checkpointing.write_config(workdir, config)
+    writer = metric_writers.create_default_writer(
+        os.path.join(workdir, "logs"), just_logging=not is_lead
+    )
+    if is_lead:
+        writer.write_hparams(_flat_hparams(config))
+    logging.info("Devices: %s", jax.devices())
+
+    image_hw = tuple(config.data.image_size)
+    model = build_model(config.model, image_hw)
+    background_model = BackgroundAutoencoder(
+        image_hw=image_hw, complexity=config.model.background_complexity
+    )
+
+    background_params = None
+    if curriculum.needs_background_pretraining(config):
+        if config.background.restore_from:
+            background_params, step = checkpointing.load_background_params(
+                config.background.restore_from
+            )
+            logging.info(
+                "Background restored from %s (step %d).",
+                config.background.restore_from,
+                step,
+            )
+        elif config.background.num_train_steps > 0:
+            background_params = train_background(
+                config, workdir, mesh, writer, background_model
+            )
+
+    state = train_foreground(
+        config, workdir, mesh, writer, model, background_model, background_params
+    )
+    results = evaluator.evaluate_and_write(config, workdir, model, state, mesh)
+    writer.flush()
+    return results
+
+
+def _flat_hparams(config) -> dict:
+    flat = {}
+
+    def visit(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, ml_collections.ConfigDict):
+                visit(name + ".", value)
+            else:
+                flat[name] = (
+                    value if isinstance(value, (int, float, str, bool)) else str(value)
+                )
+
+    visit("", config)
+    return flat

@@ -1,0 +1,152 @@
+"""Every configuration key of ast-seg-jax with its default and meaning.
+
+Defaults are the official AST hyperparameters for the synthetic benchmarks (CLEVRTEX-like: 128x128, K=10,
+Segformer-B3, curriculum training). Dataset configs start from `get_config()` and change what differs.
+
+A config is locked: `--config.some.key=value` overrides only keys that exist here, so a misspelt override is
+rejected with the name it did not find.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the base configuration (official AST values, CLEVRTEX-sized)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds parameter init, dropout and data order.
+
+    # ---- Data (see ast_seg_jax/input_pipeline.py) ----
+    config.data = ml_collections.ConfigDict()
+    config.data.name = (
+        "clevrtex"  # shapes | clevrtex | clevr | objects_room | shapestacks | folder
+    )
+    config.data.config = "full"  # Builder config (e.g. clevrtex: full / outd / camo).
+    config.data.data_dir = (
+        ""  # TFDS data dir; '' means the TFDS default (~/tensorflow_datasets).
+    )
+    config.data.manual_dir = (
+        ""  # Where downloaded raw files are (only needed to prepare a dataset).
+    )
+    config.data.dir = ""  # Root of an image folder dataset (name=folder).
+    config.data.image_size = (128, 128)  # (height, width) the model sees.
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.shuffle_buffer = 10_000
+
+    # ---- Model (see ast_seg_jax/models/build.py) ----
+    config.model = ml_collections.ConfigDict()
+    config.model.num_slots = 10  # K, the maximum number of objects per image.
+    config.model.z_what_dim = 32  # Width of each object's appearance vector.
+    config.model.isotropic = (
+        False  # One scale per object (True) or separate x/y scales.
+    )
+    # The official code reads the activation logit at latent index 4, which aliases z_what[0] when
+    # isotropic. True uses the clean layout (activation at index 2 + scale dims) instead.
+    config.model.clean_latent_layout = False
+    config.model.feature_generator = "segformer"  # segformer | unet
+    config.model.segformer_variant = "b3"  # b0 .. b5
+    # Local Hugging Face checkpoint dir (config.json + model.safetensors) for the MiT encoder, e.g. a
+    # saved copy of nvidia/mit-b3. '' trains the encoder from random initialisation.
+    config.model.pretrained_encoder = ""
+    config.model.normalize_input = (
+        False  # ImageNet mean/std on the input (the official code feeds [0, 1]).
+    )
+    config.model.use_transformer = (
+        True  # False: pooled latents go straight to the renderer (ablation).
+    )
+    config.model.transformer_layers = 6
+    config.model.transformer_dim = 256
+    config.model.transformer_heads = 8
+    config.model.transformer_mlp_dim = 512
+    config.model.transformer_dropout = 0.1
+    config.model.min_scale = (
+        1.3  # Inverse scale of the largest object (it spans 1/1.3 of the image).
+    )
+    config.model.max_scale = 24.0  # Inverse scale of the smallest object.
+    config.model.background_logit_init = 11.0  # log(alpha_0) at initialisation.
+    config.model.background_complexity = True  # Wider AE-NE channel schedule.
+    config.model.glimpse_size = 0  # 0: 32 for images <= 64, 64 for <= 128, 128 above.
+
+    # ---- Curriculum (see ast_seg_jax/curriculum.py) ----
+    # curriculum: (1) pretrain background, (2) foreground on the frozen background, (3) fine-tune both.
+    # baseline: no pretraining, both trained from scratch from step 0 (the paper's BT).
+    # frozen_background: phase 2 for the whole run (Table 4 ablation).
+    config.scenario = "curriculum"
+
+    # ---- Phase 1: background pretraining ----
+    config.background = ml_collections.ConfigDict()
+    config.background.num_train_steps = 500_000
+    config.background.batch_size = 128
+    config.background.learning_rate = 2e-3
+    config.background.decay_fraction = (
+        0.8  # lr x 0.1 from this fraction of the steps on.
+    )
+    # Directory of a background checkpoint from another run (its WORKDIR/background); used instead of
+    # phase 1 when set.
+    config.background.restore_from = ""
+    # Phase 2 background source: True computes every training image's background once after phase 1 and
+    # stores it as uint8 (the official method); False runs the frozen network at every step.
+    config.background.precompute = True
+
+    # ---- Phases 2 and 3: foreground training ----
+    config.num_train_steps = 125_000  # Phases 2 + 3 together.
+    config.freeze_background_steps = 30_000  # Length of phase 2.
+    config.batch_size = 64
+    config.learning_rate = 4e-5
+    config.warmup_steps = 5_000  # Quadratic learning-rate warm-up.
+    config.decay_fraction = 0.9  # lr x 0.1 from this fraction of the steps on.
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.98
+    config.adam_eps = 1e-9
+    # The official code builds a fresh Adam over foreground + background at the phase 2 -> 3 switch.
+    config.reset_optimizer_at_phase3 = True
+    config.pixel_entropy_weight = 1e-2
+    config.pixel_entropy_warmup_steps = 10_000
+
+    # ---- Logging, evaluation, checkpoints ----
+    config.log_loss_every_steps = 100
+    config.log_images_every_steps = 5_000
+    config.checkpoint_every_steps = 2_000
+    config.max_checkpoints_to_keep = 2
+    config.eval_batch_size = 64
+    config.num_eval_images = (
+        -1
+    )  # Images of the eval split scored at the end; -1 means all.
+    return config
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+    """Applies a config-file argument (`--config=path.py:ARG`).
+
+    ARG is a comma-separated list of words: `tiny` shrinks every size and step count to a few seconds of
+    CPU work (smoke tests; the numbers mean nothing). An empty ARG changes nothing.
+    """
+    for word in filter(None, (w.strip() for w in (arg or "").split(","))):
+        if word == "tiny":
+            shrink_for_smoke_test(config)
+        else:
+            raise ValueError(f"Unknown config argument {word!r}; known: tiny.")
+    return config
+
+
+def shrink_for_smoke_test(config: ml_collections.ConfigDict) -> None:
+    """Tiny model, batch and step counts, keeping every code path (all three phases) alive."""
+    config.model.segformer_variant = "b0"
+    config.model.transformer_layers = 1
+    config.model.transformer_dim = 32
+    config.model.transformer_heads = 2
+    config.model.transformer_mlp_dim = 64
+    config.model.background_complexity = False
+    config.background.num_train_steps = 2
+    config.background.batch_size = 4
+    config.num_train_steps = 4
+    config.freeze_background_steps = 2
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.num_eval_images = 6
+    config.warmup_steps = 2
+    config.pixel_entropy_warmup_steps = 2
+    config.log_loss_every_steps = 1
+    config.log_images_every_steps = 4
+    config.checkpoint_every_steps = 2
+    config.data.shuffle_buffer = 16

@@ -1,0 +1,83 @@
+"""The curriculum's phase table and step-indexed schedules equal their formulas."""
+
+import numpy as np
+import pytest
+
+from ast_seg_jax import curriculum
+from experiments.configs import base
+
+
+def _config(**overrides):
+    config = base.get_config()
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 4e-5 * (1 / 5000) ** 2),  # First optimiser step: s = 1.
+        (2499, 4e-5 * 0.5**2),  # s = 2500, halfway through the warm-up.
+        (4999, 4e-5),  # s = 5000: warm-up done.
+        (112_498, 4e-5),  # s = 112,499 < 0.9 * 125,000.
+        (112_499, 4e-6),  # s = 112,500: decayed.
+        (124_999, 4e-6),
+    ],
+)
+def test_foreground_learning_rate(step, expected):
+    lr = float(curriculum.foreground_learning_rate(step, _config()))
+    np.testing.assert_allclose(lr, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, 0.0), (1, 1e-2 * 1e-8), (5000, 1e-2 * 0.25), (10_000, 1e-2), (50_000, 1e-2)],
+)
+def test_pixel_entropy_weight(step, expected):
+    weight = float(curriculum.pixel_entropy_weight(step, _config()))
+    np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=1e-20)
+
+
+def test_background_learning_rate_decays_at_80_percent():
+    config = _config()
+    assert float(curriculum.background_learning_rate(399_999, config)) == pytest.approx(
+        2e-3
+    )
+    assert float(curriculum.background_learning_rate(400_000, config)) == pytest.approx(
+        2e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "scenario, step, phase",
+    [
+        ("curriculum", 0, 2),
+        ("curriculum", 29_999, 2),
+        ("curriculum", 30_000, 3),
+        ("baseline", 0, 3),
+        ("frozen_background", 124_999, 2),
+    ],
+)
+def test_phase_of(scenario, step, phase):
+    assert curriculum.phase_of(step, _config(scenario=scenario)) == phase
+
+
+def test_optimizer_reset_only_at_the_phase_switch():
+    config = _config()
+    resets = [
+        s
+        for s in (0, 1, 29_999, 30_000, 30_001)
+        if curriculum.should_reset_optimizer(s, config)
+    ]
+    assert resets == [30_000]
+    config.reset_optimizer_at_phase3 = False
+    assert not curriculum.should_reset_optimizer(30_000, config)
+    assert not curriculum.should_reset_optimizer(30_000, _config(scenario="baseline"))
+
+
+def test_bad_scenario_is_rejected():
+    with pytest.raises(ValueError, match="config.scenario"):
+        curriculum.check_scenario(_config(scenario="curiculum"))
+    with pytest.raises(ValueError, match="freeze_background_steps"):
+        curriculum.check_scenario(_config(freeze_background_steps=200_000))
