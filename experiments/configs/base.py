@@ -28,7 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
         ""  # Where downloaded raw files are (only needed to prepare a dataset).
     )
     config.data.dir = ""  # Root of an image folder dataset (name=folder).
-    config.data.image_size = (128, 128)  # (height, width) the model sees.
+    # (height, width) the model sees. TFDS datasets are stored at their benchmark resolution and must
+    # match it; folder images are resized to it.
+    config.data.image_size = (128, 128)
+    config.data.crop = "center"  # Folder images: 'center' (crop to the aspect first) or 'none'.
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.shuffle_buffer = 10_000

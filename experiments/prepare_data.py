@@ -1,0 +1,50 @@
+r"""Prepares a dataset as a standard TFDS directory (no `tfds` CLI / apache_beam needed).
+
+Usage:
+    python -m experiments.prepare_data --dataset=shapes/default
+    python -m experiments.prepare_data --dataset=clevrtex/full --manual_dir=~/downloads/clevrtex
+    python -m experiments.prepare_data --dataset=objects_room --manual_dir=DIR --data_dir=~/tfds
+
+NAME is one of shapes, clevrtex, clevr, objects_room, shapestacks; CONFIG is the builder config (shapes:
+default / default_128 / textured / textured_128 / tiny; clevrtex: full / outd / camo). TFDS shows a progress
+bar per split. The result can be read with `tfds.builder_from_directory(DATA_DIR/<builder>/<config>/1.0.0)`.
+"""
+
+import os
+
+from absl import app, flags
+
+_DATASET = flags.DEFINE_string(
+    "dataset", "shapes/default", "NAME[/CONFIG] of the dataset to prepare."
+)
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir", "", "Folder holding the downloaded raw files."
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)."
+)
+
+
+def main(argv):
+    del argv  # Unused.
+    import tensorflow_datasets as tfds
+
+    from ast_seg_jax import input_pipeline
+
+    name, _, config = _DATASET.value.partition("/")
+    tfds.display_progress_bar(True)
+    builder = input_pipeline.prepare(
+        name,
+        config,
+        os.path.expanduser(_DATA_DIR.value),
+        os.path.expanduser(_MANUAL_DIR.value),
+    )
+    for split, info in builder.info.splits.items():
+        print(f"{split}: {info.num_examples} examples")
+    print(
+        f"Prepared {builder.name}/{builder.builder_config.name} in {builder.data_dir}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
