@@ -114,7 +114,7 @@ def evaluate(
     ):
         valid = np.asarray(batch[VALID], bool)
         if max_images > 0:
-            valid &= np.cumsum(valid) + count <= max_images
+            valid = valid & (np.cumsum(valid) + count <= max_images)
         if not valid.any():
             break
         image = input_pipeline.to_global_arrays({IMAGE: batch[IMAGE]}, mesh)[IMAGE]
@@ -184,7 +184,10 @@ def evaluate_and_write(
         max_images=config.num_eval_images,
     )
     name = config.data.name + (f"/{config.data.config}" if config.data.config else "")
-    logging.info("Evaluation on %s (%s):\n%s", name, split, format_table(means, name))
+    text = f"Evaluation on {name} ({split}):\n{format_table(means, name)}"
+    logging.info(text)
+    if jax.process_index() == 0:
+        print(text, flush=True)
     if jax.process_index() == 0:
         out_dir = os.path.join(workdir, "eval", split)
         os.makedirs(out_dir, exist_ok=True)

@@ -16,6 +16,7 @@ is replicated, so the same code runs on one CPU, several GPUs or several hosts.
 import functools
 import os
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,21 @@ from ast_seg_jax.typing import BACKGROUND, IMAGE, INDEX
 PRECOMPUTED_FILE = "train_backgrounds.npy"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ValueError):
     """Raised when the loss or the gradients become NaN or infinite."""
+
+
+def raised_by_project(error: BaseException) -> bool:
+    """Whether `error` was raised by this project's own checks (bad input), not deep inside a library.
+
+    Launchers print such errors as one line; anything else keeps its traceback.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    last = os.path.abspath(frames[-1].filename)
+    return last.startswith(root + os.sep) and "site-packages" not in last
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,11 +116,14 @@ def check_workdir(workdir: str) -> None:
         raise OSError(f"The workdir {workdir!r} cannot be written: {e}") from e
 
 
-def init_variables(model, image_hw, rng):
-    """Initial variables of `model` ({'params': ..., 'batch_stats': ...}) for images of `image_hw`."""
+def init_variables(model, image_hw, rng, **kwargs):
+    """Initial variables of `model` ({'params': ..., 'batch_stats': ...}) for images of `image_hw`.
+
+    `kwargs` go to the model's __call__ (e.g. train=False for the AST model).
+    """
     dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
     rngs = {"params": rng, "dropout": rng}
-    return jax.jit(functools.partial(model.init, train=False))(rngs, dummy)
+    return jax.jit(functools.partial(model.init, **kwargs))(rngs, dummy)
 
 
 def load_pretrained_encoder(params, checkpoint_dir: str):
@@ -274,7 +291,7 @@ class Progress:
             for k in ("loss", "reconstruction_loss", "pixel_entropy_loss", "mse")
             if k in metrics
         )
-        logging.info(
+        say(
             "%s step %d/%d phase %d | %s | %.2f steps/s | ETA %s",
             self.name,
             step,
@@ -284,6 +301,14 @@ class Progress:
             rate,
             _format_seconds(eta),
         )
+
+
+def say(message: str, *args) -> None:
+    """A progress line on stdout (lead process only), also kept in the absl log."""
+    text = message % args if args else message
+    logging.info(text)
+    if jax.process_index() == 0:
+        print(text, flush=True)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -323,7 +348,7 @@ def train_background(config, workdir: str, mesh: Mesh, writer, background_model)
     restored = checkpointing.restore_latest(mngr, state)
     if restored is not None:
         state = restored
-        logging.info("Phase 1: resuming from step %d.", int(state.step))
+        say("Phase 1: resuming from step %d.", int(state.step))
     start = int(state.step)
     if start >= bg.num_train_steps:
         mngr.close()
@@ -336,9 +361,7 @@ def train_background(config, workdir: str, mesh: Mesh, writer, background_model)
         config.data, global_batch_size=bg.batch_size, seed=config.seed, start_step=start
     )
     progress = Progress(writer, "background", bg.num_train_steps, start)
-    logging.info(
-        "Phase 1: background pretraining, steps %d..%d.", start, bg.num_train_steps
-    )
+    say("Phase 1: background pretraining, steps %d..%d.", start, bg.num_train_steps)
     last_good = start
     for step in range(start + 1, bg.num_train_steps + 1):
         batch = input_pipeline.to_global_arrays(_image_only(next(batches)), mesh)
@@ -380,7 +403,7 @@ def precompute_backgrounds(config, workdir: str, mesh: Mesh, background_model, p
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
     apply = jax.jit(lambda p, x: background_model.apply({"params": p}, x)[..., :3])
     params = replicate(params, mesh)
-    logging.info("Precomputing the backgrounds of %d training images.", n)
+    say("Precomputing the backgrounds of %d training images.", n)
     done = 0
     start = time.time()
     for batch in input_pipeline.create_eval_iterator(
@@ -394,7 +417,7 @@ def precompute_backgrounds(config, workdir: str, mesh: Mesh, background_model, p
         )
         done += int(valid.sum())
         if done % (20 * config.eval_batch_size) < config.eval_batch_size:
-            logging.info("  %d/%d backgrounds (%.0f s)", done, n, time.time() - start)
+            say("  %d/%d backgrounds (%.0f s)", done, n, time.time() - start)
     out.flush()
     del out
     os.replace(tmp, path)
@@ -407,7 +430,7 @@ def precompute_backgrounds(config, workdir: str, mesh: Mesh, background_model, p
 
 def create_foreground_state(config, model, background_params, rng):
     """Initial phase-2/3 state: fresh foreground, pretrained (or fresh) background, optional MiT encoder."""
-    variables = init_variables(model, tuple(config.data.image_size), rng)
+    variables = init_variables(model, tuple(config.data.image_size), rng, train=False)
     params = dict(variables["params"])
     if background_params is not None:
         params["background_model"] = background_params
@@ -438,7 +461,7 @@ def train_foreground(
     restored = checkpointing.restore_latest(mngr, state)
     if restored is not None:
         state = restored
-        logging.info("Phases 2-3: resuming from step %d.", int(state.step))
+        say("Phases 2-3: resuming from step %d.", int(state.step))
     start, total = int(state.step), config.num_train_steps
     if start >= total:
         mngr.close()
@@ -470,14 +493,12 @@ def train_foreground(
     )
     vis_batch = _visualisation_batch(config)
     progress = Progress(writer, "foreground", total, start)
-    logging.info("Phases 2-3 (%s): steps %d..%d.", config.scenario, start, total)
+    say("Phases 2-3 (%s): steps %d..%d.", config.scenario, start, total)
     last_good = start
     for step in range(start, total):
         phase = curriculum.phase_of(step, config)
         if curriculum.should_reset_optimizer(step, config):
-            logging.info(
-                "Step %d: phase 3 starts; Adam restarts over all parameters.", step
-            )
+            say("Step %d: phase 3 starts; Adam restarts over all parameters.", step)
             state = state.replace(opt_state=replicate(tx.init(state.params), mesh))
         batch = next(batches)
         host = {IMAGE: batch[IMAGE]}
@@ -561,7 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             background_params, step = checkpointing.load_background_params(
                 config.background.restore_from
             )
-            logging.info(
+            say(
                 "Background restored from %s (step %d).",
                 config.background.restore_from,
                 step,

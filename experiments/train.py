@@ -27,6 +27,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv  # Unused.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(
+            logging.WARNING
+        )  # Progress lines are printed; --verbosity=0 for INFO logs.
     import jax
 
     if _DISTRIBUTED.value:
@@ -39,10 +43,12 @@ def main(argv):
     from ast_seg_jax import trainer
 
     logging.info("Config:\n%s", _CONFIG.value)
+    print(f"Training {_CONFIG.value.data.name} into {_WORKDIR.value}", flush=True)
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (trainer.NonFiniteLossError, ValueError, FileNotFoundError, OSError) as e:
-        logging.error("%s", e)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if not trainer.raised_by_project(e):
+            raise  # A bug, not bad input: keep the traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

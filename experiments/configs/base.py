@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (height, width) the model sees. TFDS datasets are stored at their benchmark resolution and must
     # match it; folder images are resized to it.
     config.data.image_size = (128, 128)
-    config.data.crop = "center"  # Folder images: 'center' (crop to the aspect first) or 'none'.
+    config.data.crop = (
+        "center"  # Folder images: 'center' (crop to the aspect first) or 'none'.
+    )
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.shuffle_buffer = 10_000
