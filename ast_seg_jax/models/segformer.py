@@ -1,0 +1,546 @@
+"""Segformer in Flax: the Mix Transformer (MiT) encoder and the all-MLP decode head.
+
+Weight-compatible with the Hugging Face PyTorch ``SegformerModel`` /
+``SegformerForSemanticSegmentation`` (checkpoints ``nvidia/mit-b0`` ... ``nvidia/mit-b5``); see
+``ast_seg_jax.pretrained`` for the converter. Everything is NHWC.
+
+Module and parameter names mirror the Hugging Face (legacy, on-disk) hierarchy so that a checkpoint
+converts by renaming and transposing only::
+
+    encoder/patch_embeddings_{i}/{proj, layer_norm}
+    encoder/block_{i}_{j}/layer_norm_1
+    encoder/block_{i}_{j}/attention/{query, key, value, sr, sr_layer_norm, output_dense}
+    encoder/block_{i}_{j}/layer_norm_2
+    encoder/block_{i}_{j}/mlp/{dense1, dwconv, dense2}
+    encoder/layer_norm_{i}
+    decode_head/{linear_c_{i}, linear_fuse, batch_norm, classifier}
+
+Numerical details that matter for parity with PyTorch (all measured, see the project spec):
+exact (erf) GELU, LayerNorm epsilon 1e-5 everywhere, symmetric explicit padding for the strided
+patch convolutions, ``'VALID'`` (flooring) sequence-reduction convolutions, concatenation of the
+projected stage maps in the order 4, 3, 2, 1 in the head, BatchNorm momentum 0.9 (torch 0.1).
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+# ImageNet statistics used by the Hugging Face SegformerImageProcessor (RGB order).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Hugging Face initialisation: N(0, initializer_range=0.02) kernels, zero biases.
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+_BIAS_INIT = nn.initializers.zeros_init()
+
+# depths, hidden_sizes, decoder_hidden_size of the published sizes (identical in the HF hub configs,
+# the HF conversion script and the NVlabs code).
+_PRESETS = {
+    "b0": ((2, 2, 2, 2), (32, 64, 160, 256), 256),
+    "b1": ((2, 2, 2, 2), (64, 128, 320, 512), 256),
+    "b2": ((3, 4, 6, 3), (64, 128, 320, 512), 768),
+    "b3": ((3, 4, 18, 3), (64, 128, 320, 512), 768),
+    "b4": ((3, 8, 27, 3), (64, 128, 320, 512), 768),
+    "b5": ((3, 6, 40, 3), (64, 128, 320, 512), 768),
+}
+
+
+def _as_tuple(name: str, value: Any, num_stages: int) -> tuple[int, ...]:
+    """Returns `value` as a tuple of `num_stages` ints (an int is broadcast)."""
+    if isinstance(value, int):
+        return (value,) * num_stages
+    result = tuple(int(v) for v in value)
+    if len(result) != num_stages:
+        raise ValueError(
+            f"SegformerConfig.{name} has {len(result)} entries, expected {num_stages} "
+            f"(one per stage): {result}"
+        )
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class SegformerConfig:
+    """Hyper-parameters of a Segformer (MiT encoder + all-MLP head).
+
+    Field names follow the Hugging Face config where they can; lists are stored as tuples so the
+    config is hashable and can be a field of a Linen module.
+
+    Attributes:
+      depths: transformer layers per stage.
+      hidden_sizes: channels per stage.
+      num_heads: attention heads per stage (HF ``num_attention_heads``).
+      sr_ratios: sequence-reduction ratio per stage (kernel = stride of the ``sr`` conv).
+      patch_sizes: kernel of the overlapping patch embedding per stage (padding = size // 2).
+      strides: stride of the overlapping patch embedding per stage.
+      mlp_ratio: Mix-FFN expansion; an int for all stages or one per stage (HF ``mlp_ratios``).
+      decoder_hidden_size: width D of the decode head.
+      drop_path_rate: largest stochastic-depth rate; block rates rise linearly from 0 to it.
+      classifier_dropout: dropout before the head's 1x1 classifier.
+      layer_norm_eps: epsilon of every LayerNorm. HF Segformer builds all its LayerNorms with the
+        torch default 1e-5 and ignores the ``layer_norm_eps`` (1e-6) stored in its config.
+      num_channels: input image channels.
+      hidden_dropout: dropout after the attention output and inside the Mix-FFN (0 in all released
+        configs).
+      attention_dropout: dropout on the attention probabilities (0 in all released configs).
+    """
+
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    hidden_sizes: tuple[int, ...] = (32, 64, 160, 256)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    patch_sizes: tuple[int, ...] = (7, 3, 3, 3)
+    strides: tuple[int, ...] = (4, 2, 2, 2)
+    mlp_ratio: int | tuple[int, ...] = 4
+    decoder_hidden_size: int = 256
+    drop_path_rate: float = 0.1
+    classifier_dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    num_channels: int = 3
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    def __post_init__(self):
+        num_stages = len(tuple(self.depths))
+        if num_stages < 1:
+            raise ValueError("SegformerConfig.depths must have at least one stage.")
+        for name in (
+            "depths",
+            "hidden_sizes",
+            "num_heads",
+            "sr_ratios",
+            "patch_sizes",
+            "strides",
+        ):
+            object.__setattr__(
+                self, name, _as_tuple(name, getattr(self, name), num_stages)
+            )
+        object.__setattr__(
+            self, "mlp_ratio", _as_tuple("mlp_ratio", self.mlp_ratio, num_stages)
+        )
+        for size, heads in zip(self.hidden_sizes, self.num_heads):
+            if size % heads:
+                raise ValueError(
+                    f"hidden size {size} is not divisible by its {heads} attention heads."
+                )
+
+    @property
+    def num_stages(self) -> int:
+        """Number of encoder stages (4 for every released model)."""
+        return len(self.depths)
+
+    def drop_path_rates(self) -> list[list[float]]:
+        """Per-block stochastic-depth rates, ``linspace(0, drop_path_rate, sum(depths))``."""
+        total = sum(self.depths)
+        flat = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates, start = [], 0
+        for depth in self.depths:
+            rates.append(flat[start : start + depth])
+            start += depth
+        return rates
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "SegformerConfig":
+        """Returns the configuration of a published size.
+
+        Args:
+          name: "b0" ... "b5" (case-insensitive, "mit-b3" also accepted).
+          **overrides: fields to change, e.g. ``drop_path_rate=0.0``.
+        """
+        key = name.lower().removeprefix("mit-").removeprefix("segformer-")
+        if key not in _PRESETS:
+            raise ValueError(
+                f"Unknown Segformer size {name!r}; expected one of {sorted(_PRESETS)}."
+            )
+        depths, hidden_sizes, decoder = _PRESETS[key]
+        fields = {
+            "depths": depths,
+            "hidden_sizes": hidden_sizes,
+            "decoder_hidden_size": decoder,
+        }
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_hf_json(cls, config: Mapping[str, Any]) -> "SegformerConfig":
+        """Builds a config from a Hugging Face Segformer ``config.json`` dictionary.
+
+        Missing keys take the Hugging Face defaults. ``layer_norm_eps`` is deliberately not read
+        (Hugging Face does not use it either).
+
+        Raises:
+          ValueError: for a config that is not a Segformer/MiT one or uses an unsupported option.
+        """
+        model_type = config.get("model_type")
+        architectures = config.get("architectures") or []
+        if model_type != "segformer" and not any(
+            str(a).startswith("Segformer") for a in architectures
+        ):
+            raise ValueError(
+                "Unknown architecture: expected a Hugging Face Segformer/MiT config "
+                f"(model_type 'segformer'), got model_type={model_type!r}, "
+                f"architectures={architectures!r}."
+            )
+        act = config.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(
+                f"Unsupported hidden_act {act!r}: only the exact 'gelu' of every released "
+                "Segformer is implemented."
+            )
+        depths = tuple(config.get("depths", (2, 2, 2, 2)))
+        num_blocks = config.get("num_encoder_blocks", len(depths))
+        if num_blocks != len(depths):
+            raise ValueError(
+                f"num_encoder_blocks={num_blocks} does not match depths={list(depths)}."
+            )
+        return cls(
+            depths=depths,
+            hidden_sizes=tuple(config.get("hidden_sizes", (32, 64, 160, 256))),
+            num_heads=tuple(config.get("num_attention_heads", (1, 2, 5, 8))),
+            sr_ratios=tuple(config.get("sr_ratios", (8, 4, 2, 1))),
+            patch_sizes=tuple(config.get("patch_sizes", (7, 3, 3, 3))),
+            strides=tuple(config.get("strides", (4, 2, 2, 2))),
+            mlp_ratio=tuple(config.get("mlp_ratios", (4, 4, 4, 4))),
+            decoder_hidden_size=int(config.get("decoder_hidden_size", 256)),
+            drop_path_rate=float(config.get("drop_path_rate", 0.1)),
+            classifier_dropout=float(config.get("classifier_dropout_prob", 0.1)),
+            num_channels=int(config.get("num_channels", 3)),
+            hidden_dropout=float(config.get("hidden_dropout_prob", 0.0)),
+            attention_dropout=float(config.get("attention_probs_dropout_prob", 0.0)),
+        )
+
+
+def _drop_path(
+    module: nn.Module, x: Float[Array, "b ..."], rate: float, train: bool
+) -> Float[Array, "b ..."]:
+    """Stochastic depth: zeroes whole examples of a residual branch with probability `rate`."""
+    if not train or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    rng = module.make_rng("dropout")
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def _dense(features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=name)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv with symmetric padding ``patch_size // 2`` followed by a LayerNorm.
+
+    Attributes:
+      features: output channels.
+      patch_size: conv kernel size.
+      stride: conv stride.
+      eps: LayerNorm epsilon.
+    """
+
+    features: int
+    patch_size: int
+    stride: int
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 d"]:
+        """Maps [b, h, w, c] to [b, ceil-ish(h / stride), ..., features] (torch conv sizes)."""
+        pad = self.patch_size // 2
+        x = nn.Conv(
+            self.features,
+            (self.patch_size, self.patch_size),
+            strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            kernel_init=_KERNEL_INIT,
+            bias_init=_BIAS_INIT,
+            name="proj",
+        )(x)
+        return nn.LayerNorm(epsilon=self.eps, name="layer_norm")(x)
+
+
+class EfficientSelfAttention(nn.Module):
+    """Multi-head self-attention whose keys/values come from a spatially reduced map.
+
+    Attributes:
+      num_heads: attention heads; channel c belongs to head c // head_dim.
+      sr_ratio: kernel and stride of the ``sr`` conv (1 = no reduction, no ``sr`` params).
+      eps: epsilon of the reduction LayerNorm.
+      attention_dropout: dropout on the attention probabilities.
+      hidden_dropout: dropout after the output projection.
+    """
+
+    num_heads: int
+    sr_ratio: int
+    eps: float = 1e-5
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "b h w c"], *, train: bool
+    ) -> Float[Array, "b h w c"]:
+        """Attends from every position of [b, h, w, c] to the reduced map; returns [b, h, w, c]."""
+        b, h, w, c = x.shape
+        head_dim = c // self.num_heads
+        q = _dense(c, "query")(x).reshape(b, h * w, self.num_heads, head_dim)
+        kv = x
+        if self.sr_ratio > 1:
+            kv = nn.Conv(
+                c,
+                (self.sr_ratio, self.sr_ratio),
+                strides=(self.sr_ratio, self.sr_ratio),
+                padding="VALID",
+                kernel_init=_KERNEL_INIT,
+                bias_init=_BIAS_INIT,
+                name="sr",
+            )(kv)
+            kv = nn.LayerNorm(epsilon=self.eps, name="sr_layer_norm")(kv)
+        num_kv = kv.shape[1] * kv.shape[2]
+        k = _dense(c, "key")(kv).reshape(b, num_kv, self.num_heads, head_dim)
+        v = _dense(c, "value")(kv).reshape(b, num_kv, self.num_heads, head_dim)
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * (head_dim**-0.5)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs)
+        out = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, h, w, c)
+        out = _dense(c, "output_dense")(out)
+        return nn.Dropout(self.hidden_dropout, deterministic=not train)(out)
+
+
+class MixFFN(nn.Module):
+    """Dense -> 3x3 depthwise conv -> exact GELU -> Dense, with optional dropout.
+
+    Attributes:
+      hidden_features: width of the expanded layer (mlp_ratio * c).
+      hidden_dropout: dropout after the activation and after the second Dense.
+    """
+
+    hidden_features: int
+    hidden_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "b h w c"], *, train: bool
+    ) -> Float[Array, "b h w c"]:
+        """Maps [b, h, w, c] to [b, h, w, c]."""
+        c = x.shape[-1]
+        y = _dense(self.hidden_features, "dense1")(x)
+        y = nn.Conv(
+            self.hidden_features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            feature_group_count=self.hidden_features,
+            kernel_init=_KERNEL_INIT,
+            bias_init=_BIAS_INIT,
+            name="dwconv",
+        )(y)
+        y = nn.gelu(y, approximate=False)
+        y = nn.Dropout(self.hidden_dropout, deterministic=not train)(y)
+        y = _dense(c, "dense2")(y)
+        return nn.Dropout(self.hidden_dropout, deterministic=not train)(y)
+
+
+class MiTBlock(nn.Module):
+    """Pre-norm transformer layer: efficient attention and Mix-FFN, each with drop path.
+
+    Attributes:
+      num_heads: attention heads.
+      sr_ratio: sequence-reduction ratio.
+      mlp_ratio: Mix-FFN expansion.
+      drop_path: stochastic-depth rate of both residual branches.
+      eps: LayerNorm epsilon.
+      attention_dropout: dropout on attention probabilities.
+      hidden_dropout: dropout inside the branches.
+    """
+
+    num_heads: int
+    sr_ratio: int
+    mlp_ratio: int
+    drop_path: float
+    eps: float = 1e-5
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "b h w c"], *, train: bool
+    ) -> Float[Array, "b h w c"]:
+        """Maps [b, h, w, c] to [b, h, w, c]."""
+        c = x.shape[-1]
+        y = nn.LayerNorm(epsilon=self.eps, name="layer_norm_1")(x)
+        y = EfficientSelfAttention(
+            self.num_heads,
+            self.sr_ratio,
+            eps=self.eps,
+            attention_dropout=self.attention_dropout,
+            hidden_dropout=self.hidden_dropout,
+            name="attention",
+        )(y, train=train)
+        x = x + _drop_path(self, y, self.drop_path, train)
+        y = nn.LayerNorm(epsilon=self.eps, name="layer_norm_2")(x)
+        y = MixFFN(self.mlp_ratio * c, self.hidden_dropout, name="mlp")(y, train=train)
+        return x + _drop_path(self, y, self.drop_path, train)
+
+
+class SegformerEncoder(nn.Module):
+    """The hierarchical Mix Transformer (MiT) encoder.
+
+    Attributes:
+      config: the Segformer hyper-parameters.
+    """
+
+    config: SegformerConfig
+
+    @nn.compact
+    def __call__(
+        self, images: Float[Array, "b h w c"], *, train: bool
+    ) -> list[Float[Array, "b hi wi ci"]]:
+        """Computes the four stage feature maps.
+
+        Args:
+          images: [b, h, w, num_channels] float images.
+          train: enables drop path / dropout (needs the 'dropout' rng).
+
+        Returns:
+          One NHWC map per stage, [b, h_i, w_i, hidden_sizes[i]] with strides 4, 8, 16, 32 for the
+          released configs (torch conv sizes: 64 -> 16, 8, 4, 2; 200x320 -> 50x80, 25x40, 13x20, 7x10).
+        """
+        cfg = self.config
+        if images.shape[-1] != cfg.num_channels:
+            raise ValueError(
+                f"Segformer expects {cfg.num_channels} input channels (NHWC), got images "
+                f"of shape {images.shape}."
+            )
+        rates = cfg.drop_path_rates()
+        x = images
+        features = []
+        for i in range(cfg.num_stages):
+            x = OverlapPatchEmbed(
+                cfg.hidden_sizes[i],
+                cfg.patch_sizes[i],
+                cfg.strides[i],
+                eps=cfg.layer_norm_eps,
+                name=f"patch_embeddings_{i}",
+            )(x)
+            if cfg.sr_ratios[i] > 1 and min(x.shape[1:3]) < cfg.sr_ratios[i]:
+                raise ValueError(
+                    f"Input {images.shape[1:3]} is too small: stage {i + 1} map "
+                    f"{x.shape[1:3]} is smaller than its reduction ratio {cfg.sr_ratios[i]}."
+                )
+            for j in range(cfg.depths[i]):
+                x = MiTBlock(
+                    cfg.num_heads[i],
+                    cfg.sr_ratios[i],
+                    cfg.mlp_ratio[i],
+                    rates[i][j],
+                    eps=cfg.layer_norm_eps,
+                    attention_dropout=cfg.attention_dropout,
+                    hidden_dropout=cfg.hidden_dropout,
+                    name=f"block_{i}_{j}",
+                )(x, train=train)
+            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=f"layer_norm_{i}")(x)
+            features.append(x)
+        return features
+
+
+class SegformerDecodeHead(nn.Module):
+    """All-MLP decode head: project, upsample to stage 1, fuse, classify.
+
+    Attributes:
+      config: the Segformer hyper-parameters (hidden sizes, decoder width, dropout).
+      num_outputs: channels of the output map (HF ``num_labels``).
+    """
+
+    config: SegformerConfig
+    num_outputs: int
+
+    @nn.compact
+    def __call__(
+        self, features: Sequence[Float[Array, "b hi wi ci"]], *, train: bool
+    ) -> Float[Array, "b h1 w1 o"]:
+        """Maps the stage maps to logits at the stage-1 resolution.
+
+        Args:
+          features: the encoder's stage maps, stage 1 first.
+          train: BatchNorm uses batch statistics (mutable 'batch_stats') and dropout is active
+            (needs the 'dropout' rng).
+
+        Returns:
+          [b, h1, w1, num_outputs] where (h1, w1) is the stage-1 size (1/4 of the input).
+        """
+        cfg = self.config
+        if len(features) != cfg.num_stages:
+            raise ValueError(
+                f"Decode head expects {cfg.num_stages} feature maps, got {len(features)}."
+            )
+        b, h1, w1, _ = features[0].shape
+        d = cfg.decoder_hidden_size
+        projected = []
+        for i, feature in enumerate(features):
+            y = _dense(d, f"linear_c_{i}")(feature)
+            if y.shape[1:3] != (h1, w1):
+                # Bilinear, half-pixel centres: equals torch's align_corners=False when
+                # upsampling (the only direction used here).
+                y = jax.image.resize(y, (b, h1, w1, d), method="bilinear")
+            projected.append(y)
+        x = jnp.concatenate(projected[::-1], axis=-1)
+        x = nn.Conv(
+            d,
+            (1, 1),
+            padding="VALID",
+            use_bias=False,
+            kernel_init=_KERNEL_INIT,
+            name="linear_fuse",
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            name="batch_norm",
+        )(x)
+        x = nn.relu(x)
+        x = nn.Dropout(cfg.classifier_dropout, deterministic=not train)(x)
+        return nn.Conv(
+            self.num_outputs,
+            (1, 1),
+            padding="VALID",
+            kernel_init=_KERNEL_INIT,
+            bias_init=_BIAS_INIT,
+            name="classifier",
+        )(x)
+
+
+class Segformer(nn.Module):
+    """MiT encoder + all-MLP head (HF ``SegformerForSemanticSegmentation`` without the loss).
+
+    Attributes:
+      config: the Segformer hyper-parameters.
+      num_outputs: output channels.
+      normalize_input: subtract the ImageNet mean and divide by its std before the encoder (what
+        the HF image processor does). Off by default: AST feeds raw [0, 1] RGB.
+    """
+
+    config: SegformerConfig
+    num_outputs: int
+    normalize_input: bool = False
+
+    @nn.compact
+    def __call__(
+        self, images: Float[Array, "b h w 3"], *, train: bool
+    ) -> Float[Array, "b h1 w1 o"]:
+        """Maps [b, h, w, 3] RGB images in [0, 1] to [b, h1, w1, num_outputs] (1/4 resolution)."""
+        if self.normalize_input:
+            if images.shape[-1] != len(IMAGENET_MEAN):
+                raise ValueError(
+                    "normalize_input applies the ImageNet RGB statistics and needs 3 "
+                    f"channels, got images of shape {images.shape}."
+                )
+            mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
+            std = jnp.asarray(IMAGENET_STD, images.dtype)
+            images = (images - mean) / std
+        features = SegformerEncoder(self.config, name="encoder")(images, train=train)
+        return SegformerDecodeHead(self.config, self.num_outputs, name="decode_head")(
+            features, train=train
+        )

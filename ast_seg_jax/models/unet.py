@@ -1,0 +1,156 @@
+"""The custom U-Net feature-map generator of AST (the paper's Table 4 ablation), NHWC.
+
+Unlike the Segformer it keeps the full input resolution, so the attention maps cover every pixel.
+Layer list (all convolutions bias-free, BN = BatchNorm with PyTorch defaults, CELU(1) = ELU):
+
+1. stem: conv3x3 3 -> nch[0], BN, CELU (kept as skip f0);
+2. L down blocks: conv4x4 stride 2 pad 1 nch[i] -> nch[i+1], BN, CELU, then a residual unit
+   (conv3x3, BN, CELU, plus the unit's input); output kept as skip f_{i+1};
+3. centre: conv3x3 nch[L] -> nch[L], BN, CELU;
+4. L up blocks (deepest first): concat with f_{i+1}, residual unit at 2 nch[i+1] channels, transposed
+   conv4x4 stride 2 pad 1 (output padding restores odd sizes) -> nch[i], BN, CELU;
+5. concat with f0, conv3x3 -> C, BN, CELU; residual conv3x3 C -> C (no norm or activation);
+   final 1x1 conv C -> C.
+
+Widths: ``nch = [80, 128, 192, 256, 256, 256]`` (L = 5) when both sides are below 200 pixels,
+otherwise ``[48, 64, 96, 128, 128, 256, 256]`` (L = 6).
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+SMALL_WIDTHS = (80, 128, 192, 256, 256, 256)
+LARGE_WIDTHS = (48, 64, 96, 128, 128, 256, 256)
+
+# PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+_TORCH_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# PyTorch computes ConvTranspose2d's fan_in from its weight's second axis (out_channels * k * k);
+# in the Flax HWIO kernel of the equivalent convolution that is the output axis.
+_TORCH_CONV_TRANSPOSE_INIT = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
+)
+
+
+def unet_widths(image_hw: Sequence[int]) -> tuple[int, ...]:
+    """Channel list of the official code for an input size (5 or 6 resolution levels)."""
+    h, w = image_hw
+    return SMALL_WIDTHS if h < 200 and w < 200 else LARGE_WIDTHS
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name
+    )
+
+
+def _conv(features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
+    pad = 1 if kernel > 1 else 0
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=_TORCH_CONV_INIT,
+        name=name,
+    )
+
+
+class TransposedConv(nn.Module):
+    """PyTorch ``ConvTranspose2d(k=4, stride=2, padding=1, output_padding=op, bias=False)``.
+
+    Written as a convolution of the 2x-dilated input with padding ``(k-1-p, k-1-p+op)`` per side,
+    so the output has exactly torch's size ``2 * in + op``. The kernel is that of the equivalent
+    convolution (HWIO); a torch weight ``W[in, out, kh, kw]`` maps to ``W[:, :, ::-1, ::-1]``
+    transposed to ``(kh, kw, in, out)``.
+
+    Attributes:
+      features: output channels.
+      output_padding: extra rows and columns at the bottom/right, (op_h, op_w), each 0 or 1.
+    """
+
+    features: int
+    output_padding: tuple[int, int] = (0, 0)
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
+        """Maps [b, h, w, c] to [b, 2h + op_h, 2w + op_w, features]."""
+        op_h, op_w = self.output_padding
+        return nn.ConvTranspose(
+            self.features,
+            (4, 4),
+            strides=(2, 2),
+            padding=((2, 2 + op_h), (2, 2 + op_w)),
+            use_bias=False,
+            kernel_init=_TORCH_CONV_TRANSPOSE_INIT,
+            name="conv",
+        )(x)
+
+
+class ResidualUnit(nn.Module):
+    """conv3x3 (same width), BN, CELU, plus the input."""
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "b h w c"], *, train: bool
+    ) -> Float[Array, "b h w c"]:
+        """Maps [b, h, w, c] to [b, h, w, c]."""
+        y = _conv(x.shape[-1], 3, "conv")(x)
+        y = nn.elu(_batch_norm(train, "bn")(y))
+        return x + y
+
+
+class UNet(nn.Module):
+    """AST's U-Net feature-map generator.
+
+    Attributes:
+      out_channels: channels C of the output map.
+      widths: channel list ``nch``; empty (default) chooses the official one from the input size.
+    """
+
+    out_channels: int
+    widths: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(
+        self, images: Float[Array, "b h w 3"], *, train: bool
+    ) -> Float[Array, "b h w o"]:
+        """Maps images [b, h, w, 3] to a full-resolution feature map [b, h, w, out_channels].
+
+        Args:
+          images: input images (AST feeds raw [0, 1] RGB).
+          train: BatchNorm uses batch statistics (collection 'batch_stats' must be mutable).
+        """
+        nch = self.widths or unet_widths(images.shape[1:3])
+        levels = len(nch) - 1
+        if min(images.shape[1:3]) < 2**levels:
+            raise ValueError(
+                f"U-Net with {levels} levels needs inputs of at least {2**levels} pixels "
+                f"per side, got {images.shape[1:3]}."
+            )
+        x = _conv(nch[0], 3, "stem_conv")(images)
+        x = nn.elu(_batch_norm(train, "stem_bn")(x))
+        skips = [x]
+        for i in range(levels):
+            x = _conv(nch[i + 1], 4, f"down_{i}_conv", stride=2)(x)
+            x = nn.elu(_batch_norm(train, f"down_{i}_bn")(x))
+            x = ResidualUnit(name=f"down_{i}_residual")(x, train=train)
+            skips.append(x)
+        x = _conv(nch[levels], 3, "centre_conv")(x)
+        x = nn.elu(_batch_norm(train, "centre_bn")(x))
+        for i in reversed(range(levels)):
+            x = jnp.concatenate([x, skips[i + 1]], axis=-1)
+            x = ResidualUnit(name=f"up_{i}_residual")(x, train=train)
+            # Output padding restores the size the stride-2 conv halved with flooring.
+            target_h, target_w = skips[i].shape[1:3]
+            output_padding = (target_h - 2 * x.shape[1], target_w - 2 * x.shape[2])
+            x = TransposedConv(nch[i], output_padding, name=f"up_{i}_conv")(x)
+            x = nn.elu(_batch_norm(train, f"up_{i}_bn")(x))
+        x = jnp.concatenate([x, skips[0]], axis=-1)
+        x = _conv(self.out_channels, 3, "out_conv")(x)
+        x = nn.elu(_batch_norm(train, "out_bn")(x))
+        x = x + _conv(self.out_channels, 3, "refine_conv")(x)
+        return _conv(self.out_channels, 1, "final_conv")(x)
