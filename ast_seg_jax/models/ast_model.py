@@ -1,0 +1,296 @@
+"""The AST model: attention, soft-argmax, transformer, glimpses and compositing.
+
+Forward pass (ast_model.md section 0):
+
+1. A feature generator (Segformer, or the U-Net ablation) maps the image in [0, 1] to
+   ``C = K + Z + 1 + sd`` channels; the first K are attention logit maps, the rest the
+   feature map Phi.
+2. ``attention_pool``: per slot, a spatial softmax of its logit map gives the soft-argmax
+   position (x0, y0) and pools Phi; the slot token is [x0, y0, pooled Phi], width
+   ``D = Z + 3 + sd``.
+3. Dense(D -> dim), a post-norm transformer encoder across the K tokens of an image,
+   Dense(dim -> D) (no skip connection around them, as in the official code). With
+   ``use_transformer=False`` (paper ablation) the pooled tokens are decoded directly.
+4. Latent decoding of each D-vector v: xy = clip(v[0:2], -1, 1); inverse scale
+   s = min_scale + (max_scale - min_scale) * sigmoid(v[2:2+sd]) (broadcast to (s, s) when
+   isotropic); activation logit = v[4] (official layout) or v[2+sd] (clean layout);
+   z_what = v[3+sd:].
+5. The glimpse generator turns each z_what into an RGBA glimpse; ``place_glimpses`` puts it
+   on the image canvas at (x, y) with half-extent 1/s.
+6. ``composite`` over the background (given, e.g. precomputed, or computed live by
+   ``background_model``) with background activation exp(background_logit).
+
+Official latent layout quirk (reproduced by default): the activation logit is read at index
+4 for both scaling modes, so with isotropic scaling (sd = 1) it is the same number as
+z_what[0] and index 3 is never read. ``clean_latent_layout=True`` reads it at index 2 + sd
+instead (then z_what no longer overlaps it).
+
+Names (fixed by the project contract): submodules ``feature_generator``, ``embed``,
+``transformer``, ``readout`` (the last three absent when ``use_transformer=False``),
+``glimpse_generator``, ``background_model``; parameter ``background_logit`` (scalar). At eval
+(``train=False``) the module sows into the 'intermediates' collection (each as a 1-tuple,
+Flax's default): ``attention`` [b, h, w, k] (softmax maps on the feature grid),
+``xy_pooled`` [b, k, 2] (soft-argmax positions before the transformer) and ``glimpses``
+[b, k, g, g, 4].
+
+Collections and rngs: the Segformer's decode head has BatchNorm ('batch_stats', mutable
+when ``train=True``); dropout (Segformer drop path and head dropout, transformer) needs a
+'dropout' rng when ``train=True``.
+
+Initialisation: embed/readout use PyTorch nn.Linear's default U(+-1/sqrt(fan_in)) for
+kernel and bias; the other parts follow their own modules' docstrings. When ``background``
+is given at init time the background model is still initialised, so ``init`` always returns
+the full parameter tree.
+
+Deviations from the official code: the transformer layers are initialised independently
+(PyTorch deep-copies one layer, so its layers start identical); ``use_transformer=False``
+(paper ablation, not a code option there) decodes the pooled tokens directly; the
+natural-video option ``variable_background_activation`` (a learned per-pixel background
+logit map) is not implemented. Everything else follows ast_model.md sections 0-3.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ast_seg_jax.models.background import BackgroundAutoencoder
+from ast_seg_jax.models.compositing import composite
+from ast_seg_jax.models.glimpse import GlimpseGenerator, glimpse_size_for
+from ast_seg_jax.models.segformer import Segformer, SegformerConfig
+from ast_seg_jax.models.soft_argmax import attention_pool
+from ast_seg_jax.models.spatial_transformer import place_glimpses
+from ast_seg_jax.models.transformer import TransformerEncoder, torch_dense
+from ast_seg_jax.models.unet import UNet
+from ast_seg_jax.typing import ModelOutput
+
+FEATURE_GENERATORS = ("segformer", "unet")
+
+
+class AST(nn.Module):
+    """AST foreground model with its background autoencoder.
+
+    Attributes:
+      image_hw: (height, width) of the images (static; sizes the background model).
+      num_slots: K, number of object slots.
+      z_what_dim: Z, width of the appearance latent.
+      isotropic: one inverse scale per slot (sd = 1) instead of two (sd = 2).
+      clean_latent_layout: read the activation logit at index 2 + sd instead of the
+        official hard-coded index 4 (see the module docstring).
+      feature_generator: "segformer" or "unet".
+      segformer_config: architecture of the Segformer (default: MiT-B3 preset).
+      normalize_input: ImageNet mean/std normalisation before the Segformer (official: off).
+      use_transformer: embed + transformer + readout between pooling and decoding.
+      transformer_layers, transformer_dim, transformer_heads, transformer_mlp_dim,
+        transformer_dropout: transformer encoder hyper-parameters.
+      min_scale, max_scale: range of the inverse scales s (object half-extent 1/s).
+      background_logit_init: initial value of the learned background activation logit.
+      background_complexity: channel schedule of the background autoencoder.
+      glimpse_size: glimpse side (32, 64 or 128); 0 picks it from the image size.
+    """
+
+    image_hw: tuple[int, int]
+    num_slots: int = 10
+    z_what_dim: int = 32
+    isotropic: bool = False
+    clean_latent_layout: bool = False
+    feature_generator: str = "segformer"
+    segformer_config: SegformerConfig | None = None
+    normalize_input: bool = False
+    use_transformer: bool = True
+    transformer_layers: int = 6
+    transformer_dim: int = 256
+    transformer_heads: int = 8
+    transformer_mlp_dim: int = 512
+    transformer_dropout: float = 0.1
+    min_scale: float = 1.3
+    max_scale: float = 24.0
+    background_logit_init: float = 11.0
+    background_complexity: bool = True
+    glimpse_size: int = 0
+
+    @property
+    def scale_dim(self) -> int:
+        """sd: number of inverse-scale parameters per slot."""
+        return 1 if self.isotropic else 2
+
+    @property
+    def latent_dim(self) -> int:
+        """D = Z + 3 + sd, the width of a slot token."""
+        return self.z_what_dim + 3 + self.scale_dim
+
+    @property
+    def generator_channels(self) -> int:
+        """C = K + Z + 1 + sd, the feature generator's output channels."""
+        return self.num_slots + self.z_what_dim + 1 + self.scale_dim
+
+    @property
+    def resolved_glimpse_size(self) -> int:
+        """The glimpse side actually used."""
+        return self.glimpse_size or glimpse_size_for(tuple(self.image_hw))
+
+    def _feature_generator(self) -> nn.Module:
+        if self.feature_generator == "segformer":
+            return Segformer(
+                self.segformer_config or SegformerConfig.preset("b3"),
+                num_outputs=self.generator_channels,
+                normalize_input=self.normalize_input,
+                name="feature_generator",
+            )
+        if self.feature_generator == "unet":
+            return UNet(out_channels=self.generator_channels, name="feature_generator")
+        raise ValueError(
+            f"feature_generator must be one of {FEATURE_GENERATORS}, got "
+            f"{self.feature_generator!r}."
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        image: Float[Array, "b h w 3"],
+        background: Float[Array, "b h w 3"] | None = None,
+        *,
+        train: bool,
+    ) -> ModelOutput:
+        """Reconstructs and segments a batch of images.
+
+        Args:
+          image: [b, H, W, 3] RGB in [0, 1].
+          background: [b, H, W, 3] background in [0, 1] (e.g. precomputed in phase 2), or
+            None to compute it live with ``background_model``.
+          train: training mode (BatchNorm batch statistics, dropout); at eval the module
+            sows its intermediates.
+
+        Returns:
+          ModelOutput with reconstruction [b, H, W, 3], weights [b, K+1, H, W],
+          background [b, H, W, 3], layers [b, K, H, W, 3], masks [b, K, H, W],
+          xy [b, K, 2], scale [b, K, 2], activation_logit [b, K], z_what [b, K, Z].
+        """
+        if image.ndim != 4 or image.shape[1:] != (*self.image_hw, 3):
+            raise ValueError(
+                f"AST built for images of size {tuple(self.image_hw)} got {image.shape}; "
+                "expected [b, H, W, 3]."
+            )
+        if background is not None and background.shape != image.shape:
+            raise ValueError(
+                f"background {background.shape} must have the image's shape {image.shape}."
+            )
+        b = image.shape[0]
+        k, g = self.num_slots, self.resolved_glimpse_size
+
+        # 1-2. Attention logits + feature map, soft-argmax and attention pooling.
+        maps = self._feature_generator()(image, train=train)  # [b, fh, fw, C]
+        if maps.shape[-1] != self.generator_channels:
+            raise ValueError(
+                f"feature generator returned {maps.shape[-1]} channels, expected "
+                f"K + Z + 1 + sd = {self.generator_channels}."
+            )
+        logits, features = maps[..., :k], maps[..., k:]
+        xy_pooled, pooled = attention_pool(logits, features)  # [b,k,2], [b,k,Z+1+sd]
+        if not train:
+            _, fh, fw, _ = logits.shape
+            attention = jax.nn.softmax(logits.reshape(b, fh * fw, k), axis=1)
+            self.sow("intermediates", "attention", attention.reshape(b, fh, fw, k))
+            self.sow("intermediates", "xy_pooled", xy_pooled)
+        v = jnp.concatenate([xy_pooled, pooled], axis=-1)  # [b, k, D]
+
+        # 3. Transformer refinement (no skip connection around it, as in the official code).
+        if self.use_transformer:
+            v = torch_dense(self.transformer_dim, self.latent_dim, name="embed")(v)
+            v = TransformerEncoder(
+                num_layers=self.transformer_layers,
+                dim=self.transformer_dim,
+                heads=self.transformer_heads,
+                mlp_dim=self.transformer_mlp_dim,
+                dropout=self.transformer_dropout,
+                name="transformer",
+            )(v, train=train)  # [b, k, dim]
+            v = torch_dense(self.latent_dim, self.transformer_dim, name="readout")(v)
+
+        # 4-5. Latent decoding, glimpses, placement on the canvas.
+        xy, scale, activation_logit, z_what = decode_latents(
+            v,
+            scale_dim=self.scale_dim,
+            clean_latent_layout=self.clean_latent_layout,
+            min_scale=self.min_scale,
+            max_scale=self.max_scale,
+        )
+        glimpses = GlimpseGenerator(g, name="glimpse_generator")(
+            z_what.reshape(b * k, self.z_what_dim)
+        ).reshape(b, k, g, g, 4)
+        if not train:
+            self.sow("intermediates", "glimpses", glimpses)
+        placed = place_glimpses(glimpses, xy, scale, tuple(self.image_hw))
+        layers, masks = placed[..., :3], placed[..., 3]  # [b,k,H,W,3], [b,k,H,W]
+
+        # 6. Compositing over the background.
+        background_model = BackgroundAutoencoder(
+            tuple(self.image_hw), self.background_complexity, name="background_model"
+        )
+        if background is None:
+            background = background_model(image)[..., :3]
+        elif self.is_initializing():
+            # Create the background parameters too, so that init returns the full tree.
+            background_model(image)
+        background_logit = self.param(
+            "background_logit",
+            nn.initializers.constant(self.background_logit_init),
+            (),
+            jnp.float32,
+        )
+        reconstruction, weights = composite(
+            layers, masks, activation_logit, background, background_logit
+        )
+        return ModelOutput(
+            reconstruction=reconstruction,
+            weights=weights,
+            background=background,
+            layers=layers,
+            masks=masks,
+            xy=xy,
+            scale=scale,
+            activation_logit=activation_logit,
+            z_what=z_what,
+        )
+
+
+def decode_latents(
+    v: Float[Array, "b k d"],
+    *,
+    scale_dim: int,
+    clean_latent_layout: bool = False,
+    min_scale: float = 1.3,
+    max_scale: float = 24.0,
+) -> tuple[
+    Float[Array, "b k 2"],
+    Float[Array, "b k 2"],
+    Float[Array, "b k"],
+    Float[Array, "b k z"],
+]:
+    """Splits slot vectors into (xy, inverse scale, activation logit, z_what).
+
+    Layout of v (sd = scale_dim): [x, y, scale logit(s) (sd), ..., z_what (from 3 + sd)];
+    the activation logit is v[4] (official, aliasing z_what[0] when sd = 1) or v[2 + sd]
+    (clean layout).
+
+    Args:
+      v: [b, k, D] slot vectors, D = Z + 3 + sd.
+      scale_dim: sd, 1 (isotropic) or 2 (anisotropic).
+      clean_latent_layout: read the activation logit at 2 + sd instead of 4.
+      min_scale, max_scale: range of the inverse scales.
+
+    Returns:
+      xy [b, k, 2] = clip(v[0:2], -1, 1) (zero gradient outside), scale [b, k, 2] =
+      min + (max - min) * sigmoid(v[2:2+sd]) (repeated when sd = 1), activation_logit [b, k],
+      z_what [b, k, D - 3 - sd].
+    """
+    if scale_dim not in (1, 2):
+        raise ValueError(f"scale_dim must be 1 or 2, got {scale_dim}.")
+    xy = jnp.clip(v[..., 0:2], -1.0, 1.0)
+    scale = min_scale + (max_scale - min_scale) * jax.nn.sigmoid(
+        v[..., 2 : 2 + scale_dim]
+    )
+    scale = jnp.broadcast_to(scale, (*scale.shape[:-1], 2))  # isotropic: (s, s)
+    activation_logit = v[..., 2 + scale_dim if clean_latent_layout else 4]
+    z_what = v[..., 3 + scale_dim :]
+    return xy, scale, activation_logit, z_what

@@ -1,0 +1,378 @@
+"""Tests of the full AST forward pass, its latent decoding and build_model."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ast_seg_jax.models import AST, BackgroundAutoencoder, build_model
+from ast_seg_jax.models.ast_model import decode_latents
+from ast_seg_jax.models.segformer import SegformerConfig
+from ast_seg_jax.typing import ModelOutput
+
+B, HW, K, Z = 2, (32, 32), 3, 8
+TINY_SEGFORMER = SegformerConfig(
+    depths=(1, 1, 1, 1),
+    hidden_sizes=(8, 16, 16, 16),
+    num_heads=(1, 1, 1, 1),
+    decoder_hidden_size=16,
+)
+
+
+def tiny_ast(**overrides) -> AST:
+    fields = {
+        "image_hw": HW,
+        "num_slots": K,
+        "z_what_dim": Z,
+        "segformer_config": TINY_SEGFORMER,
+        "transformer_layers": 1,
+        "transformer_dim": 16,
+        "transformer_heads": 2,
+        "transformer_mlp_dim": 32,
+        "background_complexity": False,
+    }
+    fields.update(overrides)
+    return AST(**fields)
+
+
+def _images(seed=0):
+    return jax.random.uniform(jax.random.PRNGKey(seed), (B, *HW, 3))
+
+
+def _filled_variables(model: AST, seed: int = 0):
+    """Variables of the right shapes, filled on the host (no XLA compile of `init`).
+
+    Kernels ~ N(0, 1 / fan_in), biases 0, norm scales 1, BatchNorm statistics (0, 1), the
+    background logit at its init value. Used where only the forward's semantics matter.
+    """
+    shapes = jax.eval_shape(
+        lambda key, x: model.init(key, x, train=False),
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((B, *HW, 3), jnp.float32),
+    )
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        if "background_logit" in name:
+            return jnp.full(leaf.shape, model.background_logit_init)
+        if "scale" in name or "var" in name:
+            return jnp.ones(leaf.shape)
+        if "bias" in name or "mean" in name:
+            return jnp.zeros(leaf.shape)
+        fan_in = max(1, int(np.prod(leaf.shape[:-1])))
+        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@functools.cache
+def _eval(**overrides):
+    """(model, variables, eval output, intermediates) of a tiny AST with filled variables."""
+    model = tiny_ast(**overrides)
+    variables = _filled_variables(model)
+    out, state = jax.jit(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"])
+    )(variables, _images())
+    return model, variables, out, state["intermediates"]
+
+
+@functools.cache
+def _init_and_eval():
+    """Default tiny AST: real init, then eval with the live and with a given background."""
+    model = tiny_ast()
+    image = _images()
+    # The 'unsafe_rbg' key only makes the compile of `init` several times cheaper.
+    variables = jax.jit(lambda key, x: model.init(key, x, train=False))(
+        jax.random.key(0, impl="unsafe_rbg"), image
+    )
+
+    @jax.jit
+    def forward(v, x, given):
+        live, state = model.apply(v, x, train=False, mutable=["intermediates"])
+        return live, state["intermediates"], model.apply(v, x, given, train=False)
+
+    given = jnp.full((B, *HW, 3), 0.25)
+    out, inter, out_given = forward(variables, image, given)
+    return model, variables, out, inter, out_given
+
+
+def test_output_shapes_and_weights():
+    model, _, out, _, _ = _init_and_eval()
+    assert isinstance(out, ModelOutput)
+    g = model.resolved_glimpse_size
+    assert g == 32
+    expected = {
+        "reconstruction": (B, *HW, 3),
+        "weights": (B, K + 1, *HW),
+        "background": (B, *HW, 3),
+        "layers": (B, K, *HW, 3),
+        "masks": (B, K, *HW),
+        "xy": (B, K, 2),
+        "scale": (B, K, 2),
+        "activation_logit": (B, K),
+        "z_what": (B, K, Z),
+    }
+    for name, shape in expected.items():
+        value = np.asarray(getattr(out, name))
+        assert value.shape == shape, name
+        assert np.all(np.isfinite(value)), name
+    np.testing.assert_allclose(np.asarray(out.weights).sum(1), 1.0, atol=1e-5)
+    assert np.all(np.abs(np.asarray(out.xy)) <= 1.0)
+    scale = np.asarray(out.scale)
+    assert np.all((scale >= 1.3) & (scale <= 24.0))
+    recon = np.asarray(out.reconstruction)
+    assert recon.min() >= -1e-6 and recon.max() <= 1 + 1e-6
+    # With the background activation exp(11) the background dominates at init.
+    assert np.asarray(out.weights)[:, 0].mean() > 0.9
+
+
+def test_parameter_and_module_names():
+    _, variables, _, _, _ = _init_and_eval()
+    params = variables["params"]
+    assert set(params) == {
+        "feature_generator",
+        "embed",
+        "transformer",
+        "readout",
+        "glimpse_generator",
+        "background_model",
+        "background_logit",
+    }
+    assert set(params["feature_generator"]) == {"encoder", "decode_head"}
+    assert set(params["background_model"]) == {"encoder", "decoder"}
+    assert params["background_logit"].shape == ()
+    assert float(params["background_logit"]) == 11.0
+    assert params["embed"]["kernel"].shape == (Z + 5, 16)
+    assert params["readout"]["kernel"].shape == (16, Z + 5)
+    assert "batch_stats" in variables
+
+
+def test_intermediates_at_eval_only():
+    model, variables, _, inter, _ = _init_and_eval()
+    assert set(inter) == {"attention", "xy_pooled", "glimpses"}
+    (attention,) = inter["attention"]
+    (xy_pooled,) = inter["xy_pooled"]
+    (glimpses,) = inter["glimpses"]
+    fh, fw = HW[0] // 4, HW[1] // 4  # Segformer output stride 4.
+    assert attention.shape == (B, fh, fw, K)
+    np.testing.assert_allclose(np.asarray(attention).sum((1, 2)), 1.0, atol=1e-5)
+    assert xy_pooled.shape == (B, K, 2)
+    # The soft-argmax is the attention-weighted mean of the feature-grid coordinates.
+    xs = np.linspace(-1, 1, fw)
+    np.testing.assert_allclose(
+        np.asarray(xy_pooled)[..., 0],
+        np.einsum("bhwk,w->bk", np.asarray(attention), xs),
+        atol=1e-5,
+    )
+    assert glimpses.shape == (B, K, 32, 32, 4)
+    assert np.all((np.asarray(glimpses) > 0) & (np.asarray(glimpses) < 1))
+
+    # Training mode sows nothing (checked on shapes only: no compile needed).
+    _, state = jax.eval_shape(
+        lambda v, x, key: model.apply(
+            v,
+            x,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats", "intermediates"],
+        ),
+        variables,
+        _images(),
+        jax.random.PRNGKey(1),
+    )
+    assert "intermediates" not in state or not state["intermediates"]
+    assert "batch_stats" in state
+
+
+def test_forward_equals_hand_composition():
+    _, variables, out, _, _ = _init_and_eval()
+    layers = np.asarray(out.layers, np.float64)
+    masks = np.asarray(out.masks, np.float64)
+    alpha = np.exp(np.asarray(out.activation_logit, np.float64))  # [b, k]
+    alpha0 = np.exp(float(variables["params"]["background_logit"]))
+    background = np.asarray(out.background, np.float64)
+    # Eq. 17: w_k = alpha_k M_k / (alpha_0 + sum_j alpha_j M_j), M_0 = 1.
+    u = np.concatenate(
+        [np.full((B, 1, *HW), alpha0), alpha[:, :, None, None] * masks], axis=1
+    )
+    weights = u / u.sum(1, keepdims=True)
+    # Eq. 18: X_hat = w_0 B + sum_k w_k L_k.
+    recon = weights[:, 0, ..., None] * background + np.einsum(
+        "bkhw,bkhwc->bhwc", weights[:, 1:], layers
+    )
+    np.testing.assert_allclose(np.asarray(out.weights), weights, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.reconstruction), recon, atol=1e-5)
+
+
+def test_given_and_live_background():
+    model, variables, out, _, out_given = _init_and_eval()
+    image = _images()
+    live = jax.jit(BackgroundAutoencoder(HW, complexity=False).apply)(
+        {"params": variables["params"]["background_model"]}, image
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.background), np.asarray(live)[..., :3], atol=1e-6
+    )
+    given = jnp.full((B, *HW, 3), 0.25)
+    np.testing.assert_array_equal(np.asarray(out_given.background), 0.25)
+    # The foreground does not depend on where the background comes from.
+    np.testing.assert_allclose(np.asarray(out_given.weights), np.asarray(out.weights))
+    assert not np.allclose(
+        np.asarray(out_given.reconstruction), np.asarray(out.reconstruction)
+    )
+    # init with a given background still creates the background parameters.
+    shapes = jax.eval_shape(
+        lambda key: model.init(key, image, given, train=False), jax.random.PRNGKey(0)
+    )
+    assert "background_model" in shapes["params"]
+    with pytest.raises(ValueError, match="background"):
+        model.apply(variables, image, given[:, :16], train=False)
+
+
+def test_without_transformer():
+    _, variables, out, inter = _eval(use_transformer=False)
+    assert not {"embed", "transformer", "readout"} & set(variables["params"])
+    # The pooled tokens are decoded directly: positions are the soft-argmax positions.
+    np.testing.assert_allclose(
+        np.asarray(out.xy), np.asarray(inter["xy_pooled"][0]), atol=1e-6
+    )
+    assert out.weights.shape == (B, K + 1, *HW)
+
+
+def test_isotropic_official_layout_aliases_activation_and_z_what():
+    _, variables, out, _ = _eval(isotropic=True)
+    assert variables["params"]["readout"]["kernel"].shape == (16, Z + 4)
+    scale = np.asarray(out.scale)
+    np.testing.assert_array_equal(scale[..., 0], scale[..., 1])
+    # Official layout: the activation logit is v[4] = z_what[0] when isotropic (the clean
+    # layout is checked on decode_latents below).
+    np.testing.assert_array_equal(
+        np.asarray(out.activation_logit), np.asarray(out.z_what)[..., 0]
+    )
+
+
+def test_decode_latents_by_hand():
+    v = jnp.asarray([[[1.7, -0.3, 0.0, 2.0, -1.5, 0.1, 0.2, 0.3]]])  # [1, 1, 8]
+    sig = 1 / (1 + np.exp(-np.array([0.0, 2.0])))
+    xy, scale, act, z = decode_latents(v, scale_dim=2, min_scale=1.3, max_scale=24.0)
+    np.testing.assert_allclose(np.asarray(xy)[0, 0], [1.0, -0.3])
+    np.testing.assert_allclose(np.asarray(scale)[0, 0], 1.3 + 22.7 * sig, rtol=1e-6)
+    np.testing.assert_allclose(float(act[0, 0]), -1.5)
+    np.testing.assert_allclose(np.asarray(z)[0, 0], [0.1, 0.2, 0.3])
+    xy, scale, act, z = decode_latents(v, scale_dim=1)
+    np.testing.assert_allclose(
+        np.asarray(scale)[0, 0], [1.3 + 22.7 * 0.5] * 2, rtol=1e-6
+    )
+    np.testing.assert_allclose(float(act[0, 0]), -1.5)  # v[4], also z_what[0].
+    np.testing.assert_allclose(np.asarray(z)[0, 0], [-1.5, 0.1, 0.2, 0.3])
+    _, _, act, _ = decode_latents(v, scale_dim=1, clean_latent_layout=True)
+    np.testing.assert_allclose(float(act[0, 0]), 2.0)  # v[2 + sd].
+    # Clamped positions pass no gradient outside [-1, 1].
+    grad = jax.grad(lambda u: decode_latents(u, scale_dim=2)[0].sum())(v)
+    np.testing.assert_allclose(np.asarray(grad)[0, 0, :2], [0.0, 1.0])
+
+
+def _model_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        {
+            "num_slots": 3,
+            "z_what_dim": 32,
+            "isotropic": False,
+            "clean_latent_layout": False,
+            "feature_generator": "segformer",
+            "segformer_variant": "b3",
+            "pretrained_encoder": "",
+            "normalize_input": False,
+            "use_transformer": True,
+            "transformer_layers": 6,
+            "transformer_dim": 256,
+            "transformer_heads": 8,
+            "transformer_mlp_dim": 512,
+            "transformer_dropout": 0.1,
+            "min_scale": 1.3,
+            "max_scale": 24.0,
+            "background_logit_init": 11.0,
+            "background_complexity": True,
+            "glimpse_size": 0,
+        }
+    )
+    config.update(overrides)
+    return config
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def test_build_model_objects_room_like_parameter_counts():
+    model = build_model(_model_config(), (64, 64))
+    assert model.image_hw == (64, 64) and model.num_slots == 3
+    assert model.segformer_config == SegformerConfig.preset("b3")
+    assert model.generator_channels == 38 and model.latent_dim == 37
+    assert model.resolved_glimpse_size == 32
+    shapes = jax.eval_shape(
+        lambda key, x: model.init(key, x, train=False),
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
+    params = shapes["params"]
+    assert _count(params["transformer"]) == 6 * 527_104
+    assert _count(params["embed"]) == 37 * 256 + 256
+    assert _count(params["readout"]) == 256 * 37 + 37
+    # Background: 64 px complex schedule, spec 5.2 (2.9 M + 43.6 M).
+    assert _count(params["background_model"]) / 1e6 == pytest.approx(46.47, abs=0.01)
+    # Glimpse generator, 32 px: kernels 32*64*4 + 64*32*16 + 32*16*16 + 16*8*16 + 8*4*16,
+    # output bias 4, GroupNorm 2*(64+32+16+8).
+    assert _count(params["glimpse_generator"]) == 51_956
+    # MiT-B3 encoder has 44.07 M parameters (HF nvidia/mit-b3 without its classifier).
+    assert _count(params["feature_generator"]["encoder"]) / 1e6 == pytest.approx(
+        44.07, abs=0.01
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_slots": 0}, "num_slots"),
+        ({"glimpse_size": 48}, "glimpse_size"),
+        ({"feature_generator": "resnet"}, "feature_generator"),
+        ({"min_scale": 30.0}, "min_scale"),
+        ({"transformer_heads": 7}, "divisible"),
+        ({"segformer_variant": "b9"}, "b9"),
+        ({"feature_generator": "unet", "pretrained_encoder": "/x"}, "unet"),
+        ({"pretrained_encoder": "no/such/dir"}, "no/such/dir"),
+    ],
+)
+def test_build_model_rejects_bad_configs(overrides, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        build_model(_model_config(**overrides), (64, 64))
+
+
+def test_build_model_rejects_missing_key():
+    config = _model_config()
+    del config["glimpse_size"]
+    with pytest.raises(ValueError, match="glimpse_size"):
+        build_model(config, (64, 64))
+
+
+def test_build_model_unet_shapes():
+    model = build_model(
+        _model_config(feature_generator="unet", background_complexity=False), (32, 32)
+    )
+    shapes = jax.eval_shape(
+        lambda key, x: model.init(key, x, train=False),
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+    )
+    assert "feature_generator" in shapes["params"]
+    out = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]),
+        shapes,
+        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+    )[1]["intermediates"]
+    # The U-Net works at full resolution: attention maps are 32 x 32.
+    assert out["attention"][0].shape == (1, 32, 32, 3)
