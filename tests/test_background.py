@@ -170,3 +170,13 @@ def test_rejects_wrong_image_size():
     model = bg.BackgroundAutoencoder((32, 32), complexity=False)
     with pytest.raises(ValueError, match="built for"):
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_width_multiplier_scales_only_hidden_channels():
+    enc, dec = bg.channel_schedule((64, 64), False)
+    enc_q, dec_q = bg.channel_schedule((64, 64), False, width=0.25)
+    assert (enc_q[0], enc_q[-1], dec_q[0], dec_q[-1]) == (3, 16, 4, 16)
+    assert enc_q[1:-1] == tuple(max(8, round(c / 4)) for c in enc[1:-1])
+    assert dec_q[1:-1] == tuple(max(8, round(c / 4)) for c in dec[1:-1])
+    with pytest.raises(ValueError, match="width multiplier"):
+        bg.channel_schedule((64, 64), False, width=0.0)

@@ -86,6 +86,7 @@ class AST(nn.Module):
       min_scale, max_scale: range of the inverse scales s (object half-extent 1/s).
       background_logit_init: initial value of the learned background activation logit.
       background_complexity: channel schedule of the background autoencoder.
+      background_width: hidden-width multiplier of the background autoencoder.
       glimpse_size: glimpse side (32, 64 or 128); 0 picks it from the image size.
     """
 
@@ -107,6 +108,7 @@ class AST(nn.Module):
     max_scale: float = 24.0
     background_logit_init: float = 11.0
     background_complexity: bool = True
+    background_width: float = 1.0
     glimpse_size: int = 0
 
     @property
@@ -225,7 +227,10 @@ class AST(nn.Module):
 
         # 6. Compositing over the background.
         background_model = BackgroundAutoencoder(
-            tuple(self.image_hw), self.background_complexity, name="background_model"
+            tuple(self.image_hw),
+            self.background_complexity,
+            self.background_width,
+            name="background_model",
         )
         if background is None:
             background = background_model(image)[..., :3]

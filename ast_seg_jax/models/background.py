@@ -160,13 +160,16 @@ def _resize_schedule(table: dict, num_blocks: int, complexity: bool) -> tuple[in
 
 
 def channel_schedule(
-    image_hw: Sequence[int], complexity: bool
+    image_hw: Sequence[int], complexity: bool, width: float = 1.0
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Encoder and decoder channel lists, image side first, code (16) last.
 
     Args:
       image_hw: (height, width).
       complexity: True selects the wider official schedule.
+      width: multiplier of every hidden width (not of the 3/4 image channels nor of the
+        16-d code); 1.0 is the official network. Smaller values (a deviation) make a
+        CPU-sized background model; hidden widths never drop below 8.
 
     Returns:
       (encoder_channels, decoder_channels), each with len(conv_schedule(image_hw)) + 1
@@ -177,9 +180,18 @@ def channel_schedule(
         raise ValueError(
             f"The background model needs an image larger than 1x1, got {image_hw}."
         )
+    if width <= 0:
+        raise ValueError(f"The background width multiplier must be > 0, got {width}.")
+
+    def scaled(channels: tuple[int, ...]) -> tuple[int, ...]:
+        if width == 1.0:
+            return channels
+        hidden = tuple(max(8, round(c * width)) for c in channels[1:-1])
+        return (channels[0], *hidden, channels[-1])
+
     return (
-        _resize_schedule(_ENCODER_CHANNELS, num_blocks, complexity),
-        _resize_schedule(_DECODER_CHANNELS, num_blocks, complexity),
+        scaled(_resize_schedule(_ENCODER_CHANNELS, num_blocks, complexity)),
+        scaled(_resize_schedule(_DECODER_CHANNELS, num_blocks, complexity)),
     )
 
 
@@ -207,10 +219,12 @@ class BackgroundEncoder(nn.Module):
     Attributes:
       image_hw: (height, width) of the images.
       complexity: selects the channel schedule.
+      width: hidden-width multiplier (1.0 = official; see `channel_schedule`).
     """
 
     image_hw: tuple[int, int]
     complexity: bool = True
+    width: float = 1.0
 
     @nn.compact
     def __call__(self, images: Float[Array, "b h w 3"]) -> Float[Array, "b 16"]:
@@ -223,7 +237,7 @@ class BackgroundEncoder(nn.Module):
           [b, 16] code (GroupNorm(1 group) + CELU-ed, as the official last block).
         """
         steps = conv_schedule(self.image_hw)
-        channels, _ = channel_schedule(self.image_hw, self.complexity)
+        channels, _ = channel_schedule(self.image_hw, self.complexity, self.width)
         if images.shape[1:3] != tuple(self.image_hw):
             raise ValueError(
                 f"BackgroundEncoder built for {tuple(self.image_hw)} got images of shape "
@@ -257,10 +271,12 @@ class BackgroundDecoder(nn.Module):
     Attributes:
       image_hw: (height, width) of the images.
       complexity: selects the channel schedule.
+      width: hidden-width multiplier (1.0 = official; see `channel_schedule`).
     """
 
     image_hw: tuple[int, int]
     complexity: bool = True
+    width: float = 1.0
 
     @nn.compact
     def __call__(self, code: Float[Array, "b 16"]) -> Float[Array, "b h w 4"]:
@@ -273,7 +289,7 @@ class BackgroundDecoder(nn.Module):
           [b, h, w, 4] sigmoid output: RGB background and the predicted error channel.
         """
         steps = conv_schedule(self.image_hw)
-        _, channels = channel_schedule(self.image_hw, self.complexity)
+        _, channels = channel_schedule(self.image_hw, self.complexity, self.width)
         x = code.reshape(code.shape[0], 1, 1, CODE_DIM)
         # Decoder block j undoes encoder step i = n-1-j; block 0 starts from the code.
         for j, i in enumerate(reversed(range(len(steps)))):
@@ -315,14 +331,16 @@ class BackgroundAutoencoder(nn.Module):
     Attributes:
       image_hw: (height, width) of the images.
       complexity: True selects the wider official channel schedule (ast_model.md 5.2, 5.5).
+      width: hidden-width multiplier (1.0 = official; see `channel_schedule`).
     """
 
     image_hw: tuple[int, int]
     complexity: bool = True
+    width: float = 1.0
 
     def setup(self):
-        self.encoder = BackgroundEncoder(self.image_hw, self.complexity)
-        self.decoder = BackgroundDecoder(self.image_hw, self.complexity)
+        self.encoder = BackgroundEncoder(self.image_hw, self.complexity, self.width)
+        self.decoder = BackgroundDecoder(self.image_hw, self.complexity, self.width)
 
     def __call__(self, images: Float[Array, "b h w 3"]) -> Float[Array, "b h w 4"]:
         """Reconstructs the background of each image.

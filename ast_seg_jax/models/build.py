@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from ast_seg_jax.models.ast_model import AST, FEATURE_GENERATORS
+from ast_seg_jax.models.background import BackgroundAutoencoder
 from ast_seg_jax.models.glimpse import GLIMPSE_SIZES
 from ast_seg_jax.models.segformer import SegformerConfig
 
@@ -41,6 +42,7 @@ MODEL_KEYS = (
     "max_scale",
     "background_logit_init",
     "background_complexity",
+    "background_width",
     "glimpse_size",
 )
 
@@ -162,5 +164,17 @@ def build_model(
         max_scale=float(m.max_scale),
         background_logit_init=float(m.background_logit_init),
         background_complexity=bool(m.background_complexity),
+        background_width=float(m.background_width),
         glimpse_size=int(m.glimpse_size),
+    )
+
+
+def build_background_model(
+    model_config: ml_collections.ConfigDict, image_hw: tuple[int, int]
+) -> BackgroundAutoencoder:
+    """The background autoencoder of `build_model(model_config, image_hw)`, on its own (phase 1)."""
+    return BackgroundAutoencoder(
+        image_hw=tuple(image_hw),
+        complexity=bool(model_config.background_complexity),
+        width=float(model_config.background_width),
     )

@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.max_scale = 24.0  # Inverse scale of the smallest object.
     config.model.background_logit_init = 11.0  # log(alpha_0) at initialisation.
     config.model.background_complexity = True  # Wider AE-NE channel schedule.
+    # Multiplier of the AE-NE hidden widths; 1.0 is the official network (< 1 is a CPU-sized deviation).
+    config.model.background_width = 1.0
     config.model.glimpse_size = 0  # 0: 32 for images <= 64, 64 for <= 128, 128 above.
 
     # ---- Curriculum (see ast_seg_jax/curriculum.py) ----
