@@ -38,6 +38,9 @@ def eval_step(variables, image, *, model):
     return segment(out.weights), out.reconstruction
 
 
+_jitted_eval_step = jax.jit(eval_step, static_argnames="model")
+
+
 def find_intermediate(tree, name: str):
     """The first value sown under `name` anywhere in an 'intermediates' collection, or None."""
     if isinstance(tree, dict) or hasattr(tree, "items"):
@@ -50,13 +53,16 @@ def find_intermediate(tree, name: str):
     return None
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _forward_with_intermediates(variables, image, *, model):
+    # Keyed on the (hashable) module, so periodic image summaries compile once per run.
+    return model.apply(variables, image, None, train=False, mutable=["intermediates"])
+
+
 def visual_sample(model, variables, batch: dict) -> dict:
     """Numpy arrays for `visualize.sample_figure` from one forward pass in eval mode."""
     image = jnp.asarray(batch[IMAGE])
-    apply = jax.jit(
-        functools.partial(model.apply, train=False, mutable=["intermediates"]),
-    )
-    out, state = apply(variables, image, None)
+    out, state = _forward_with_intermediates(variables, image, model=model)
     inter = state.get("intermediates", {})
     sample = {
         "image": image,
@@ -103,7 +109,7 @@ def evaluate(
     """
     replicated = NamedSharding(mesh, P())
     variables = jax.device_put(variables, replicated)
-    step = jax.jit(functools.partial(eval_step, model=model))
+    step = functools.partial(_jitted_eval_step, model=model)
     per_image: dict[str, list] = {}
     count, start = 0, time.time()
     total = input_pipeline.num_examples(data_config, split)
