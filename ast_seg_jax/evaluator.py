@@ -174,11 +174,33 @@ def format_table(means: dict, name: str) -> str:
 
 
 def evaluate_and_write(
-    config, workdir: str, model, state, mesh: Mesh, split: str = ""
+    config,
+    workdir: str,
+    model,
+    variables,
+    mesh: Mesh,
+    *,
+    split: str = "",
+    tag: str = "",
 ) -> dict:
-    """Evaluates the state on a split and writes WORKDIR/eval/<split>/{metrics.json, samples.png}."""
+    """Evaluates `variables` on a split, prints the table and writes its results.
+
+    Writes WORKDIR/eval/<tag or split>/metrics.json (the dataset means and `num_images`) and samples.png
+    (a figure of the first images of the split); only process 0 writes.
+
+    Args:
+      config: the run's config (its `data`, `model.num_slots`, `eval_batch_size`, `num_eval_images`).
+      workdir: the run's workdir.
+      model: the AST model.
+      variables: {'params', 'batch_stats'} (see `variables_of`).
+      mesh: the device mesh.
+      split: the split to score (default `config.data.eval_split`).
+      tag: the results folder's name under WORKDIR/eval (default: the split).
+
+    Returns:
+      The dataset means.
+    """
     split = split or config.data.eval_split
-    variables = variables_of(state)
     means, _ = evaluate(
         model,
         variables,
@@ -192,21 +214,24 @@ def evaluate_and_write(
     name = config.data.name + (f"/{config.data.config}" if config.data.config else "")
     text = f"Evaluation on {name} ({split}):\n{format_table(means, name)}"
     logging.info(text)
-    if jax.process_index() == 0:
-        print(text, flush=True)
-    if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "eval", split)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(means, f, indent=2)
-        batch = next(
-            iter(
-                input_pipeline.create_eval_iterator(
-                    config.data, split=split, global_batch_size=config.eval_batch_size
-                )
+    if jax.process_index() != 0:
+        return means
+    print(text, flush=True)
+    out_dir = os.path.join(workdir, "eval", tag or split)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(means, f, indent=2)
+    batch = next(
+        iter(
+            input_pipeline.create_eval_iterator(
+                config.data, split=split, global_batch_size=config.eval_batch_size
             )
         )
-        batch = {k: v[:6] for k, v in batch.items()}
-        figure = figure_for_batch(model, state, batch)
-        visualize.save_png(os.path.join(out_dir, "samples.png"), figure)
+    )
+    sample = visual_sample(
+        model, jax.device_get(variables), {k: v[:6] for k, v in batch.items()}
+    )
+    visualize.save_png(
+        os.path.join(out_dir, "samples.png"), visualize.sample_figure(sample)
+    )
     return means

@@ -8,7 +8,6 @@ samples.png. With a non-default data config (e.g. clevrtex outd / camo) the resu
 WORKDIR/eval/<config>_<split>/.
 """
 
-import json
 import os
 import sys
 
@@ -32,61 +31,30 @@ def main(argv):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    import jax
+    from ast_seg_jax import checkpointing, evaluator, trainer
     from ast_seg_jax.models.build import build_model
-
-    from ast_seg_jax import checkpointing, evaluator, trainer, visualize
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     split = _SPLIT.value or config.data.eval_split
     try:
         variables, step = checkpointing.load_model_variables(workdir, _STEP.value)
+        trained = checkpointing.read_config(workdir)
+        # Another variant of the training data (e.g. clevrtex outd / camo) gets its own results folder.
+        tag = split
+        if config.data.config and config.data.config != trained.data.config:
+            tag = f"{config.data.config}_{split}"
         mesh = trainer.create_mesh()
         trainer.check_config(config, mesh.size)
         model = build_model(config.model, tuple(config.data.image_size))
-        means, _ = evaluator.evaluate(
-            model,
-            variables,
-            config.data,
-            split=split,
-            batch_size=config.eval_batch_size,
-            num_slots=config.model.num_slots,
-            mesh=mesh,
-            max_images=config.num_eval_images,
+        means = evaluator.evaluate_and_write(
+            config, workdir, model, variables, mesh, split=split, tag=tag
         )
     except (ValueError, FileNotFoundError, OSError) as e:
+        if not trainer.raised_by_project(e):
+            raise  # A bug, not bad input: keep the traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    means["step"] = step
-    name = config.data.name + (f"/{config.data.config}" if config.data.config else "")
-    print(evaluator.format_table(means, name))
-    if jax.process_index() == 0:
-        tag = split
-        if (
-            config.data.config
-            and config.data.config != checkpointing.read_config(workdir).data.config
-        ):
-            tag = f"{config.data.config}_{split}"
-        out_dir = os.path.join(workdir, "eval", tag)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(means, f, indent=2)
-        from ast_seg_jax import input_pipeline
-
-        batch = next(
-            iter(
-                input_pipeline.create_eval_iterator(
-                    config.data, split=split, global_batch_size=config.eval_batch_size
-                )
-            )
-        )
-        figure = visualize.sample_figure(
-            evaluator.visual_sample(
-                model, variables, {k: v[:6] for k, v in batch.items()}
-            )
-        )
-        visualize.save_png(os.path.join(out_dir, "samples.png"), figure)
-        logging.info("Wrote %s", out_dir)
+    logging.info("Checkpoint step %d: %s", step, means)
 
 
 if __name__ == "__main__":
