@@ -15,6 +15,8 @@ is replicated, so the same code runs on one CPU, several GPUs or several hosts.
 
 import functools
 import os
+import signal
+import threading
 import time
 import traceback
 
@@ -25,6 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -37,15 +40,34 @@ from ast_seg_jax import (
     optim,
     train_state,
 )
-from ast_seg_jax.models.background import BackgroundAutoencoder
-from ast_seg_jax.models.build import build_model
-from ast_seg_jax.typing import BACKGROUND, IMAGE, INDEX
+from ast_seg_jax.models.build import build_background_model, build_model
+from ast_seg_jax.models.glimpse import GLIMPSE_SIZES
+from ast_seg_jax.typing import BACKGROUND, IMAGE, INDEX, VALID
 
 PRECOMPUTED_FILE = "train_backgrounds.npy"
+# Written when config.record_example_ids is set: one line "step id id ..." per optimiser step.
+EXAMPLE_IDS_FILES = {
+    curriculum.PHASE_BACKGROUND: "example_ids_background.txt",
+    curriculum.PHASE_FOREGROUND: "example_ids.txt",
+}
+# Predicted label maps are stored as uint8 (0 = background), which bounds the number of slots.
+MAX_SLOTS = 255
 
 
 class NonFiniteLossError(ValueError):
-    """Raised when the loss or the gradients become NaN or infinite."""
+    """Raised when the loss, the gradients or the parameters become NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a SIGTERM / SIGINT once the checkpoint of the current step is saved."""
+
+    def __init__(self, signum: int, step: int, name: str):
+        self.signum = signum
+        self.step = step
+        super().__init__(
+            f"{signal.Signals(signum).name} received: {name} stopped after step {step}, whose "
+            "checkpoint is saved. Rerun the same command to resume."
+        )
 
 
 def raised_by_project(error: BaseException) -> bool:
@@ -100,7 +122,18 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     h, w = config.data.image_size
     if h < 16 or w < 16:
         raise ValueError(
-            f"config.data.image_size={config.data.image_size} is too small."
+            f"config.data.image_size={tuple(config.data.image_size)} is too small: the "
+            "Segformer, the background autoencoder and the glimpse renderer need at least 16x16."
+        )
+    if config.model.glimpse_size not in (0, *GLIMPSE_SIZES):
+        raise ValueError(
+            f"config.model.glimpse_size={config.model.glimpse_size}: the glimpse generator makes "
+            f"glimpses of {', '.join(map(str, GLIMPSE_SIZES))} pixels (0 picks one from the image size)."
+        )
+    if not 1 <= config.model.num_slots <= MAX_SLOTS:
+        raise ValueError(
+            f"config.model.num_slots={config.model.num_slots}: label maps are uint8 (0 = background), "
+            f"so K must lie in [1, {MAX_SLOTS}]."
         )
 
 
@@ -114,6 +147,82 @@ def check_workdir(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise OSError(f"The workdir {workdir!r} cannot be written: {e}") from e
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a flag that the training loops check after every step.
+
+    Use as a context manager around training; the previous handlers come back on exit. A second
+    SIGINT while a stop is pending raises KeyboardInterrupt at once. With several processes, a stop
+    seen by any process stops all of them after the same step (one tiny all-gather per step).
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame  # Unused.
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """Whether any process received a stop signal (a collective call when multi-process)."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        signals = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        if self.signum is None and np.any(signals):
+            self.signum = int(np.max(signals))
+        return self.signum is not None
+
+
+class ExampleIdLog:
+    """Appends the global example ids of every step to a text file (debugging exact resumption).
+
+    Each line is `step id id ...` (step = optimiser steps done after this batch). A resumed run
+    appends the steps it redoes again; the last line of a step wins. Only process 0 writes.
+    """
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def record(self, step: int, index: np.ndarray) -> None:
+        if self.path is None:
+            return
+        index = np.asarray(index)
+        if jax.process_count() > 1:
+            index = multihost_utils.process_allgather(index, tiled=True)
+        if jax.process_index() == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{step} {' '.join(map(str, index.tolist()))}\n")
+
+
+def read_example_ids(path: str) -> dict[int, list[int]]:
+    """{step: example ids} from an `ExampleIdLog` file (the last line of a step wins)."""
+    steps = {}
+    with open(path) as f:
+        for line in f:
+            step, *ids = map(int, line.split())
+            steps[step] = ids
+    return steps
+
+
+def _example_id_log(config, workdir: str, phase: int) -> ExampleIdLog:
+    if not config.record_example_ids:
+        return ExampleIdLog(None)
+    return ExampleIdLog(os.path.join(workdir, EXAMPLE_IDS_FILES[phase]))
 
 
 def init_variables(model, image_hw, rng, **kwargs):
@@ -149,6 +258,11 @@ def _tree_norm(tree):
     return optax.global_norm(tree)
 
 
+def _all_finite(*scalars):
+    """True when every scalar is finite (the loss, the gradient and the new parameter norms)."""
+    return jnp.all(jnp.isfinite(jnp.stack(scalars)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Steps (pure functions; static collaborators bound with functools.partial).
 
@@ -168,11 +282,13 @@ def background_train_step(state: train_state.TrainState, batch, *, model, config
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = _tree_norm(grads)
+    param_norm = _tree_norm(params)
     metrics = {
         "loss": loss,
         "learning_rate": lr,
         "l2_grads": grad_norm,
-        "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        "l2_params": param_norm,
+        "is_finite": _all_finite(loss, grad_norm, param_norm),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -234,6 +350,7 @@ def foreground_train_step(
         params = {**params, "background_model": state.params["background_model"]}
 
     grad_norm = _tree_norm(grads)
+    param_norm = _tree_norm(params)
     # A slot counts as active if its weight reaches 1e-3 somewhere in the batch (official statistic).
     slot_max = jnp.max(out.weights[:, 1:], axis=(0, 2, 3))
     metrics = {
@@ -243,11 +360,11 @@ def foreground_train_step(
         "pixel_entropy_weight": entropy_weight,
         "learning_rate": lr,
         "l2_grads": grad_norm,
-        "l2_params": _tree_norm(params),
+        "l2_params": param_norm,
         "l2_updates": _tree_norm(updates),
         "active_slots": jnp.sum(slot_max >= 1e-3),
         "mse": jnp.mean(jnp.sum((out.reconstruction - image) ** 2, axis=(1, 2, 3))),
-        "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        "is_finite": _all_finite(loss, grad_norm, param_norm),
     }
     new_state = state.replace(
         step=step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
@@ -318,23 +435,66 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def _check_finite(metrics: dict, step: int, last_good: int, name: str) -> None:
-    if not bool(metrics["is_finite"]):
-        raise NonFiniteLossError(
-            f"{name}: the loss or the gradients became NaN or infinite between steps {last_good} and "
-            f"{step}. Training stopped; the last checkpoint (step <= {last_good}) is kept."
-        )
-
-
 def _is_time(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
+
+
+class LoopControl:
+    """What both training loops do after a step: NaN checks, progress, checkpoints, stop requests.
+
+    The finiteness flag of every step is folded into one device scalar, so steps between two checks
+    do not wait for the host; it is read whenever the loop logs, saves or stops. A checkpoint is only
+    written after that read says every step since the last check was finite, so no NaN ever reaches
+    a checkpoint.
+    """
+
+    def __init__(self, name, config, mngr, writer, stop, start: int, total: int):
+        self.name = name
+        self.config = config
+        self.mngr = mngr
+        self.stop = stop
+        self.total = total
+        self.progress = Progress(writer, name, total, start)
+        self.last_good = start
+        self.finite = jnp.asarray(True)
+
+    def after_step(self, done: int, state, metrics: dict, phase: int) -> None:
+        """Bookkeeping once `done` steps are taken.
+
+        Raises:
+          NonFiniteLossError: a step since the last check had a NaN or infinite loss, gradient or
+            parameter; nothing of it was saved.
+          TrainingInterrupted: a stop signal arrived; the checkpoint of step `done` is saved.
+        """
+        self.finite = jnp.logical_and(self.finite, metrics["is_finite"])
+        log_now = _is_time(done, self.config.log_loss_every_steps, self.total)
+        save_now = _is_time(done, self.config.checkpoint_every_steps, self.total)
+        stop_now = self.stop.requested()
+        if not (log_now or save_now or stop_now):
+            return
+        if not bool(self.finite):
+            raise NonFiniteLossError(
+                f"{self.name}: the loss, the gradients or the parameters became NaN or infinite "
+                f"between steps {self.last_good} and {done}. Training stopped; the last checkpoint "
+                f"(step <= {self.last_good}) is kept."
+            )
+        self.last_good = done
+        if log_now:
+            self.progress.report(done, jax.device_get(metrics), phase)
+        if save_now or stop_now:
+            checkpointing.save(self.mngr, state)
+        if stop_now:
+            self.mngr.wait_until_finished()
+            raise TrainingInterrupted(self.stop.signum, done, self.name)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Phase 1.
 
 
-def train_background(config, workdir: str, mesh: Mesh, writer, background_model):
+def train_background(
+    config, workdir: str, mesh: Mesh, writer, background_model, stop: StopRequest
+):
     """Runs (or resumes, or skips when finished) phase 1 and returns the background parameters."""
     bg = config.background
     directory = os.path.join(workdir, checkpointing.BACKGROUND_DIR)
@@ -349,35 +509,36 @@ def train_background(config, workdir: str, mesh: Mesh, writer, background_model)
     if restored is not None:
         state = restored
         say("Phase 1: resuming from step %d.", int(state.step))
-    start = int(state.step)
-    if start >= bg.num_train_steps:
+    start, total = int(state.step), bg.num_train_steps
+    try:
+        if start < total:
+            step_fn = compile_step(
+                functools.partial(
+                    background_train_step, model=background_model, config=config
+                ),
+                mesh,
+            )
+            batches = input_pipeline.create_train_iterator(
+                config.data,
+                global_batch_size=bg.batch_size,
+                seed=config.seed,
+                start_step=start,
+            )
+            ids = _example_id_log(config, workdir, curriculum.PHASE_BACKGROUND)
+            control = LoopControl(
+                "background", config, mngr, writer, stop, start, total
+            )
+            say("Phase 1: background pretraining, steps %d..%d.", start, total)
+            for done in range(start + 1, total + 1):
+                batch = next(batches)
+                ids.record(done, batch[INDEX])
+                state, metrics = step_fn(
+                    state, input_pipeline.to_global_arrays(_image_only(batch), mesh)
+                )
+                control.after_step(done, state, metrics, curriculum.PHASE_BACKGROUND)
+    finally:
+        mngr.wait_until_finished()
         mngr.close()
-        return state.params
-    step_fn = compile_step(
-        functools.partial(background_train_step, model=background_model, config=config),
-        mesh,
-    )
-    batches = input_pipeline.create_train_iterator(
-        config.data, global_batch_size=bg.batch_size, seed=config.seed, start_step=start
-    )
-    progress = Progress(writer, "background", bg.num_train_steps, start)
-    say("Phase 1: background pretraining, steps %d..%d.", start, bg.num_train_steps)
-    last_good = start
-    for step in range(start + 1, bg.num_train_steps + 1):
-        batch = input_pipeline.to_global_arrays(_image_only(next(batches)), mesh)
-        state, metrics = step_fn(state, batch)
-        log_now = _is_time(step, config.log_loss_every_steps, bg.num_train_steps)
-        save_now = _is_time(step, config.checkpoint_every_steps, bg.num_train_steps)
-        if log_now or save_now:
-            metrics = jax.device_get(metrics)
-            _check_finite(metrics, step, last_good, "Phase 1")
-            last_good = step
-            if log_now:
-                progress.report(step, metrics, curriculum.PHASE_BACKGROUND)
-            if save_now:
-                checkpointing.save(mngr, state)
-    mngr.wait_until_finished()
-    mngr.close()
     return state.params
 
 
@@ -389,19 +550,30 @@ def precompute_backgrounds(config, workdir: str, mesh: Mesh, background_model, p
     """Writes the uint8 background of every training image (by `index`) and returns it as a memmap.
 
     As in the official code, float backgrounds in [0, 1] are scaled to 0..255 and truncated to uint8.
-    The file is written under a temporary name and renamed when complete.
+    Every process computes the backgrounds of its share of the split; the outputs are gathered and
+    process 0 writes the file under a temporary name and renames it when complete.
     """
     directory = os.path.join(workdir, checkpointing.BACKGROUND_DIR, "precomputed")
     path = os.path.join(directory, PRECOMPUTED_FILE)
     if os.path.exists(path):
         return np.load(path, mmap_mode="r")
-    os.makedirs(directory, exist_ok=True)
+    is_lead = jax.process_index() == 0
     split = config.data.train_split
     n = input_pipeline.num_examples(config.data, split)
     h, w = config.data.image_size
     tmp = path + ".tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
-    apply = jax.jit(lambda p, x: background_model.apply({"params": p}, x)[..., :3])
+    if is_lead:
+        os.makedirs(directory, exist_ok=True)
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(n, h, w, 3)
+        )
+
+    # Outputs replicated: every process (process 0 in particular) sees the whole global batch.
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+    def apply(params, batch):
+        rgb = background_model.apply({"params": params}, batch[IMAGE])[..., :3]
+        return rgb, batch[INDEX], batch[VALID]
+
     params = replicate(params, mesh)
     say("Precomputing the backgrounds of %d training images.", n)
     done = 0
@@ -409,18 +581,23 @@ def precompute_backgrounds(config, workdir: str, mesh: Mesh, background_model, p
     for batch in input_pipeline.create_eval_iterator(
         config.data, split=split, global_batch_size=config.eval_batch_size
     ):
-        valid = np.asarray(batch["valid"], bool)
-        arrays = input_pipeline.to_global_arrays(_image_only(batch), mesh)
-        rgb = np.asarray(jax.device_get(apply(params, arrays[IMAGE])))
-        out[batch[INDEX][valid]] = (np.clip(rgb[valid], 0.0, 1.0) * 255.0).astype(
-            np.uint8
+        host = {IMAGE: batch[IMAGE], INDEX: batch[INDEX], VALID: batch[VALID]}
+        rgb, index, valid = jax.device_get(
+            apply(params, input_pipeline.to_global_arrays(host, mesh))
         )
+        valid = np.asarray(valid, bool)
+        if is_lead:
+            rgb = np.clip(np.asarray(rgb)[valid], 0.0, 1.0)
+            out[np.asarray(index)[valid]] = (rgb * 255.0).astype(np.uint8)
         done += int(valid.sum())
         if done % (20 * config.eval_batch_size) < config.eval_batch_size:
             say("  %d/%d backgrounds (%.0f s)", done, n, time.time() - start)
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    if is_lead:
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("precomputed backgrounds written")
     return np.load(path, mmap_mode="r")
 
 
@@ -447,7 +624,7 @@ def create_foreground_state(config, model, background_params, rng):
 
 
 def train_foreground(
-    config, workdir, mesh, writer, model, background_model, background_params
+    config, workdir, mesh, writer, model, background_model, background_params, stop
 ):
     """Runs (or resumes) phases 2 and 3 and returns the final state."""
     mngr = checkpointing.manager(
@@ -463,44 +640,69 @@ def train_foreground(
         state = restored
         say("Phases 2-3: resuming from step %d.", int(state.step))
     start, total = int(state.step), config.num_train_steps
-    if start >= total:
+    try:
+        if start < total:
+            state = _foreground_loop(
+                config,
+                workdir,
+                mesh,
+                writer,
+                model,
+                background_model,
+                stop,
+                mngr,
+                state,
+            )
+    finally:
+        mngr.wait_until_finished()
         mngr.close()
-        return state
+    return state
 
+
+def _foreground_loop(
+    config, workdir, mesh, writer, model, background_model, stop, mngr, state
+):
+    """The phase 2-3 loop from `state.step` to config.num_train_steps."""
+    start, total = int(state.step), config.num_train_steps
     precomputed = None
     uses_phase2 = curriculum.phase_of(start, config) == curriculum.PHASE_FOREGROUND
     if uses_phase2 and config.background.precompute:
         precomputed = precompute_backgrounds(
             config, workdir, mesh, background_model, state.params["background_model"]
         )
-    steps = {}
-    for phase in (curriculum.PHASE_FOREGROUND, curriculum.PHASE_JOINT):
-        fn = functools.partial(
-            foreground_train_step,
-            model=model,
-            background_model=background_model,
-            config=config,
-            phase=phase,
+    # One jitted step per phase (the phase is a static flag: where the background comes from).
+    steps = {
+        phase: compile_step(
+            functools.partial(
+                foreground_train_step,
+                model=model,
+                background_model=background_model,
+                config=config,
+                phase=phase,
+            ),
+            mesh,
         )
-        steps[phase] = compile_step(fn, mesh)
+        for phase in (curriculum.PHASE_FOREGROUND, curriculum.PHASE_JOINT)
+    }
     tx = optim.foreground_optimizer(config)
-
     batches = input_pipeline.create_train_iterator(
         config.data,
         global_batch_size=config.batch_size,
         seed=config.seed,
         start_step=start,
     )
+    ids = _example_id_log(config, workdir, curriculum.PHASE_FOREGROUND)
     vis_batch = _visualisation_batch(config)
-    progress = Progress(writer, "foreground", total, start)
+    control = LoopControl("foreground", config, mngr, writer, stop, start, total)
     say("Phases 2-3 (%s): steps %d..%d.", config.scenario, start, total)
-    last_good = start
     for step in range(start, total):
         phase = curriculum.phase_of(step, config)
         if curriculum.should_reset_optimizer(step, config):
             say("Step %d: phase 3 starts; Adam restarts over all parameters.", step)
             state = state.replace(opt_state=replicate(tx.init(state.params), mesh))
         batch = next(batches)
+        done = step + 1
+        ids.record(done, batch[INDEX])
         host = {IMAGE: batch[IMAGE]}
         if phase == curriculum.PHASE_FOREGROUND and precomputed is not None:
             host[BACKGROUND] = (
@@ -509,25 +711,12 @@ def train_foreground(
         state, metrics = steps[phase](
             state, input_pipeline.to_global_arrays(host, mesh)
         )
-
-        done = step + 1
-        log_now = _is_time(done, config.log_loss_every_steps, total)
-        save_now = _is_time(done, config.checkpoint_every_steps, total)
-        if log_now or save_now:
-            metrics = jax.device_get(metrics)
-            _check_finite(metrics, done, last_good, "Phases 2-3")
-            last_good = done
-            if log_now:
-                progress.report(done, metrics, phase)
-            if save_now:
-                checkpointing.save(mngr, state)
+        control.after_step(done, state, metrics, phase)
         if vis_batch is not None and _is_time(
             done, config.log_images_every_steps, total
         ):
             figure = evaluator.figure_for_batch(model, state, vis_batch, mesh)
             writer.write_images(done, {"samples": figure[None]})
-    mngr.wait_until_finished()
-    mngr.close()
     return state
 
 
@@ -554,8 +743,17 @@ def _visualisation_batch(config, num: int = 6):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every phase of `config` in `workdir` (resuming where it stopped) and evaluates the result.
 
+    Before any work: the workdir must be writable and the config consistent with the devices. During
+    training, SIGTERM / SIGINT save a checkpoint of the current step and raise TrainingInterrupted.
+
     Returns:
       The evaluation metrics (dataset means), also written to WORKDIR/eval/<split>/metrics.json.
+
+    Raises:
+      OSError: the workdir cannot be written.
+      ValueError: an inconsistent config (naming the key).
+      NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+      TrainingInterrupted: a stop signal arrived (the current step is checkpointed).
     """
     check_workdir(workdir)
     mesh = create_mesh()
@@ -572,30 +770,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     image_hw = tuple(config.data.image_size)
     model = build_model(config.model, image_hw)
-    background_model = BackgroundAutoencoder(
-        image_hw=image_hw, complexity=config.model.background_complexity
-    )
+    background_model = build_background_model(config.model, image_hw)
 
-    background_params = None
-    if curriculum.needs_background_pretraining(config):
-        if config.background.restore_from:
-            background_params, step = checkpointing.load_background_params(
-                config.background.restore_from
-            )
-            say(
-                "Background restored from %s (step %d).",
-                config.background.restore_from,
-                step,
-            )
-        elif config.background.num_train_steps > 0:
-            background_params = train_background(
-                config, workdir, mesh, writer, background_model
-            )
+    with StopRequest() as stop:
+        background_params = None
+        if curriculum.needs_background_pretraining(config):
+            if config.background.restore_from:
+                background_params, step = checkpointing.load_background_params(
+                    config.background.restore_from
+                )
+                say(
+                    "Background restored from %s (step %d).",
+                    config.background.restore_from,
+                    step,
+                )
+            elif config.background.num_train_steps > 0:
+                background_params = train_background(
+                    config, workdir, mesh, writer, background_model, stop
+                )
 
-    state = train_foreground(
-        config, workdir, mesh, writer, model, background_model, background_params
+        state = train_foreground(
+            config,
+            workdir,
+            mesh,
+            writer,
+            model,
+            background_model,
+            background_params,
+            stop,
+        )
+    results = evaluator.evaluate_and_write(
+        config, workdir, model, evaluator.variables_of(state), mesh
     )
-    results = evaluator.evaluate_and_write(config, workdir, model, state, mesh)
     writer.flush()
     return results
 

@@ -115,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_images_every_steps = 5_000
     config.checkpoint_every_steps = 2_000
     config.max_checkpoints_to_keep = 2
+    # Debugging exact resumption: append the example ids (`index`) of every training step to
+    # WORKDIR/example_ids.txt (phases 2-3) and WORKDIR/example_ids_background.txt (phase 1).
+    config.record_example_ids = False
     config.eval_batch_size = 64
     config.num_eval_images = (
         -1

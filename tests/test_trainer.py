@@ -1,0 +1,285 @@
+"""End-to-end training on the tiny shapes dataset: smoke runs of every scenario with resume, the phase
+hand-off, frozen parameters, the optimiser reset, one vs four devices, and no recompilation.
+
+Compiled executables go to a persistent compilation cache under pytest's base temp directory (shared with
+test_reliability.py), so the many runs of the same tiny config compile each step once.
+"""
+
+import functools
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax._src import compilation_cache
+
+from ast_seg_jax import checkpointing, curriculum, input_pipeline, optim, trainer
+from ast_seg_jax.models.build import build_background_model, build_model
+from ast_seg_jax.typing import IMAGE
+from experiments.configs import shapes
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+def tiny_config(data_dir: str, **overrides):
+    """shapes:tiny at its smallest: 2 background steps, 2 + 2 foreground steps, 4 eval images."""
+    config = shapes.get_config("tiny")
+    config.data.config = "tiny"
+    config.data.data_dir = data_dir
+    config.model.background_width = 0.125
+    config.model.use_transformer = False
+    config.model.z_what_dim = 8
+    config.background.precompute = False
+    config.log_images_every_steps = 0
+    config.num_eval_images = 4
+    config.checkpoint_every_steps = 2
+    config.max_checkpoints_to_keep = 3
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for name in path:
+            node = node[name]
+        node[last] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The tiny shapes dataset, built once for this module."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    input_pipeline.get_builder(tiny_config(path).data)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module (restored to the session's setting after)."""
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {key: getattr(jax.config, key) for key in keys}
+    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    yield path
+    for key, value in old.items():
+        jax.config.update(key, value)
+    compilation_cache.reset_cache()
+
+
+def _restore(directory: str, step: int):
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    state = mngr.restore(step, args=ocp.args.StandardRestore())
+    mngr.close()
+    return state
+
+
+def _steps(directory: str) -> list[int]:
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    steps = sorted(mngr.all_steps())
+    mngr.close()
+    return steps
+
+
+def _equal(a, b) -> bool:
+    return all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+@pytest.fixture(scope="module")
+def curriculum_run(data_dir, tmp_path_factory):
+    """A finished 2 + 4 step curriculum run, with the number of traces of each step function."""
+    workdir = str(tmp_path_factory.mktemp("curriculum") / "wd")
+    config = tiny_config(data_dir)
+    traces = {}
+
+    def listener(event, duration, **kwargs):
+        del duration  # Unused.
+        if event == TRACE_EVENT and "train_step" in str(kwargs.get("fun_name", "")):
+            name = kwargs["fun_name"]
+            traces[name] = traces.get(name, 0) + 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        results = trainer.train_and_evaluate(config, workdir)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return workdir, config, results, traces
+
+
+def test_curriculum_runs_all_phases_and_writes_checkpoints(curriculum_run):
+    workdir, _, results, _ = curriculum_run
+    assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
+    assert _steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) == [2, 4]
+    assert os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE))
+    assert np.isfinite(results["mse"]) and results["num_images"] == 4
+    final = _restore(os.path.join(workdir, checkpointing.CHECKPOINT_DIR), 4)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final["params"]))
+
+
+def test_each_step_function_is_traced_once_per_phase(curriculum_run):
+    *_, traces = curriculum_run
+    # Phase 1 and phases 2 / 3 each compile their step once; later steps reuse it.
+    assert traces == {"background_train_step": 1, "foreground_train_step": 2}
+
+
+def test_hand_off_and_frozen_background(curriculum_run):
+    workdir, *_ = curriculum_run
+    background = _restore(os.path.join(workdir, checkpointing.BACKGROUND_DIR), 2)
+    ckpt = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+    end_of_phase2, end_of_phase3 = _restore(ckpt, 2), _restore(ckpt, 4)
+    # Phase 2 starts from exactly the phase-1 parameters and never changes them ...
+    assert _equal(end_of_phase2["params"]["background_model"], background["params"])
+    # ... while the foreground trains; phase 3 fine-tunes the background too.
+    assert not _equal(end_of_phase3["params"]["background_model"], background["params"])
+    assert not _equal(
+        end_of_phase2["params"]["feature_generator"],
+        end_of_phase3["params"]["feature_generator"],
+    )
+
+
+def test_optimiser_restarts_once_and_learning_rate_follows_global_step(
+    curriculum_run,
+):
+    workdir, config, *_ = curriculum_run
+    ckpt = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+    for step, adam_count in ((2, 2), (4, 2)):  # Reset before step 3, only there.
+        opt_state = _restore(ckpt, step)["opt_state"]
+        assert int(opt_state["inner_state"][0]["count"]) == adam_count
+        # The learning rate of the last step taken (global step - 1), not of the restarted count.
+        lr = float(opt_state["hyperparams"]["learning_rate"])
+        np.testing.assert_allclose(
+            lr, float(curriculum.foreground_learning_rate(step - 1, config)), rtol=1e-6
+        )
+
+
+def test_resume_continues_from_the_latest_checkpoint(curriculum_run, capsys):
+    workdir, config, *_ = curriculum_run
+    longer = tiny_config(config.data.data_dir, num_train_steps=6)
+    background_ids_before = _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR))
+    trainer.train_and_evaluate(longer, workdir)
+    out = capsys.readouterr().out
+    assert "Phases 2-3: resuming from step 4." in out
+    assert "Phase 1: background pretraining" not in out  # Phase 1 was finished.
+    assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == (
+        background_ids_before
+    )
+    assert _steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))[-1] == 6
+
+
+@pytest.mark.parametrize("scenario", ["baseline", "frozen_background"])
+def test_scenario_smoke_and_resume(scenario, data_dir, tmp_path, capsys):
+    precompute = scenario == "frozen_background"  # Covers the precomputed path too.
+    config = tiny_config(
+        data_dir, scenario=scenario, **{"background.precompute": precompute}
+    )
+    workdir = str(tmp_path / "wd")
+    trainer.train_and_evaluate(config, workdir)
+    ckpt = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+    assert _steps(ckpt) == [2, 4]
+    has_background_run = os.path.isdir(
+        os.path.join(workdir, checkpointing.BACKGROUND_DIR)
+    )
+    assert has_background_run == (scenario == "frozen_background")
+    first, last = _restore(ckpt, 2), _restore(ckpt, 4)
+    frozen = _equal(
+        first["params"]["background_model"], last["params"]["background_model"]
+    )
+    assert frozen == (scenario == "frozen_background")
+    # No optimiser reset outside the curriculum scenario.
+    assert int(last["opt_state"]["inner_state"][0]["count"]) == 4
+    capsys.readouterr()
+    trainer.train_and_evaluate(config, workdir)  # Finished: resumes at the end.
+    assert "resuming from step 4" in capsys.readouterr().out
+
+
+def _run_steps(config, mesh, batches):
+    """Phase-2 then phase-3 steps (with the optimiser reset) on `mesh`; host copies of every state."""
+    image_hw = tuple(config.data.image_size)
+    model = build_model(config.model, image_hw)
+    background_model = build_background_model(config.model, image_hw)
+    state = trainer.replicate(
+        trainer.create_foreground_state(
+            config, model, None, jax.random.PRNGKey(config.seed)
+        ),
+        mesh,
+    )
+    steps = {
+        phase: trainer.compile_step(
+            functools.partial(
+                trainer.foreground_train_step,
+                model=model,
+                background_model=background_model,
+                config=config,
+                phase=phase,
+            ),
+            mesh,
+        )
+        for phase in (curriculum.PHASE_FOREGROUND, curriculum.PHASE_JOINT)
+    }
+    tx = optim.foreground_optimizer(config)
+    states, losses = [jax.device_get(state)], []
+    for step, images in enumerate(batches):
+        if curriculum.should_reset_optimizer(step, config):
+            state = state.replace(
+                opt_state=trainer.replicate(tx.init(state.params), mesh)
+            )
+        phase = curriculum.phase_of(step, config)
+        batch = input_pipeline.to_global_arrays({IMAGE: images}, mesh)
+        state, metrics = steps[phase](state, batch)
+        states.append(jax.device_get(state))
+        losses.append(float(metrics["loss"]))
+    return states, losses, steps
+
+
+def test_one_and_four_devices_agree(data_dir):
+    assert len(jax.devices()) == 4
+    config = tiny_config(data_dir, num_train_steps=3, freeze_background_steps=2)
+    batches = np.random.default_rng(0).uniform(size=(3, 4, 64, 64, 3))
+    batches = batches.astype(np.float32)
+    one, one_losses, _ = _run_steps(
+        config, trainer.create_mesh(jax.devices()[:1]), batches
+    )
+    four, four_losses, steps = _run_steps(config, trainer.create_mesh(), batches)
+    np.testing.assert_allclose(one_losses, four_losses, rtol=1e-5)
+    # Adam normalises the first updates, so a gradient entry that is ~0 can flip sign with the
+    # summation order; the tolerance allows that for a few entries (lr <= 4e-4 per step).
+    for a, b in zip(jax.tree.leaves(one[-1].params), jax.tree.leaves(four[-1].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-3)
+    # Phase 2 leaves the background bit-identical on both meshes; phase 3 moves it.
+    for states in (one, four):
+        assert _equal(
+            states[2].params["background_model"], states[0].params["background_model"]
+        )
+        assert not _equal(
+            states[3].params["background_model"], states[0].params["background_model"]
+        )
+        assert int(states[3].opt_state.inner_state[0].count) == 1
+    # One compilation per phase, whatever the number of steps.
+    assert [fn._cache_size() for fn in steps.values()] == [1, 1]
+
+
+def test_bad_config_and_workdir_fail_before_training(data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot be written"):
+        trainer.train_and_evaluate(tiny_config(data_dir), str(blocker / "wd"))
+    cases = {
+        "batch_size": (6, "batch_size=6 is not divisible by the 4 devices"),
+        "model.num_slots": (300, "num_slots=300: label maps are uint8"),
+        "model.glimpse_size": (48, "glimpse_size=48"),
+        "data.image_size": ((8, 8), "too small"),
+    }
+    for key, (value, message) in cases.items():
+        workdir = tmp_path / key
+        with pytest.raises(ValueError, match=message):
+            trainer.train_and_evaluate(
+                tiny_config(data_dir, **{key: value}), str(workdir)
+            )
+        assert not (workdir / checkpointing.CHECKPOINT_DIR).exists()
