@@ -27,7 +27,11 @@ CONFIG_FILE = "config.json"
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """A CheckpointManager saving single `TrainState` items under `directory`."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    # cleanup_tmp_directories: a save interrupted by a kill leaves a temporary directory; the next
+    # manager on the same directory deletes it (restoring never looks at it anyway).
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -47,6 +51,27 @@ def restore_latest(
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def _reader(directory: str) -> ocp.CheckpointManager:
+    """A manager that can read a checkpoint's metadata (for restores without a target tree)."""
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), item_handlers=ocp.StandardCheckpointHandler()
+    )
+
+
+def _restore_unsharded(mngr: ocp.CheckpointManager, step: int):
+    """The raw tree of a checkpoint, placed on this process's first device.
+
+    Built from the checkpoint's own metadata, so it works whatever the number and kind of devices that
+    wrote it (a model trained on 8 GPUs can be evaluated on a laptop).
+    """
+    metadata = mngr.item_metadata(step)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+    )
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def load_background_params(directory: str, expected_steps: int | None = None):
     """Parameters of the background autoencoder from the latest phase-1 checkpoint in `directory`.
 
@@ -63,7 +88,7 @@ def load_background_params(directory: str, expected_steps: int | None = None):
     """
     if os.path.isdir(os.path.join(directory, BACKGROUND_DIR)):
         directory = os.path.join(directory, BACKGROUND_DIR)
-    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    mngr = _reader(directory)
     step = mngr.latest_step() if os.path.isdir(directory) else None
     if step is None:
         raise FileNotFoundError(
@@ -75,7 +100,7 @@ def load_background_params(directory: str, expected_steps: int | None = None):
             f"The background checkpoint in {directory!r} stopped at step {step}, before the "
             f"{expected_steps} steps of phase 1."
         )
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    restored = _restore_unsharded(mngr, step)
     mngr.close()
     params = restored["params"] if isinstance(restored, dict) else restored.params
     return params, step
@@ -119,11 +144,7 @@ def load_model_variables(workdir: str, step: int | None = None):
       (variables, step).
     """
     directory = os.path.join(workdir, CHECKPOINT_DIR)
-    mngr = (
-        ocp.CheckpointManager(os.path.abspath(directory))
-        if os.path.isdir(directory)
-        else None
-    )
+    mngr = _reader(directory) if os.path.isdir(directory) else None
     steps = mngr.all_steps() if mngr is not None else []
     if not steps:
         raise FileNotFoundError(
@@ -136,6 +157,6 @@ def load_model_variables(workdir: str, step: int | None = None):
         raise FileNotFoundError(
             f"No checkpoint at step {step} in {directory!r}; available steps: {sorted(steps)}."
         )
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    restored = _restore_unsharded(mngr, step)
     mngr.close()
     return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, step

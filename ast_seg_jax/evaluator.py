@@ -38,9 +38,6 @@ def eval_step(variables, image, *, model):
     return segment(out.weights), out.reconstruction
 
 
-_jitted_eval_step = jax.jit(eval_step, static_argnames="model")
-
-
 def find_intermediate(tree, name: str):
     """The first value sown under `name` anywhere in an 'intermediates' collection, or None."""
     if isinstance(tree, dict) or hasattr(tree, "items"):
@@ -109,7 +106,8 @@ def evaluate(
     """
     replicated = NamedSharding(mesh, P())
     variables = jax.device_put(variables, replicated)
-    step = functools.partial(_jitted_eval_step, model=model)
+    # Replicated outputs, so that every process can fetch the whole batch (multi-host).
+    step = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
     per_image: dict[str, list] = {}
     count, start = 0, time.time()
     total = input_pipeline.num_examples(data_config, split)

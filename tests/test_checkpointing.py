@@ -1,5 +1,9 @@
 """Orbax round trips and the phase-1 -> phase-2 hand-off."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +87,36 @@ def test_config_round_trip(tmp_path):
     assert restored.data.image_size == (128, 128)
     with pytest.raises(FileNotFoundError, match="not the workdir"):
         checkpointing.read_config(str(tmp_path / "other"))
+
+
+def test_model_checkpoint_restores_on_another_device_count(tmp_path):
+    from ast_seg_jax import trainer
+
+    mesh = trainer.create_mesh()  # The 4 forced CPU devices of the test session.
+    state = trainer.replicate(_state(), mesh)
+    mngr = checkpointing.manager(str(tmp_path / checkpointing.CHECKPOINT_DIR))
+    checkpointing.save(mngr, state)
+    mngr.wait_until_finished()
+    code = (
+        "import jax, numpy as np\n"
+        "from ast_seg_jax import checkpointing\n"
+        f"v, step = checkpointing.load_model_variables({str(tmp_path)!r})\n"
+        "assert len(jax.devices()) == 1, jax.devices()\n"
+        "print(step, float(np.sum(v['params']['embed']['kernel'])))\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+        cwd=os.path.join(os.path.dirname(__file__), ".."),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    step, total = proc.stdout.split()
+    assert int(step) == 0
+    np.testing.assert_allclose(
+        float(total), float(np.sum(state.params["embed"]["kernel"])), rtol=1e-6
+    )
