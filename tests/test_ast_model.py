@@ -33,6 +33,7 @@ def tiny_ast(**overrides) -> AST:
         "transformer_heads": 2,
         "transformer_mlp_dim": 32,
         "background_complexity": False,
+        "background_width": 1.0,
     }
     fields.update(overrides)
     return AST(**fields)
@@ -297,6 +298,7 @@ def _model_config(**overrides) -> ml_collections.ConfigDict:
             "max_scale": 24.0,
             "background_logit_init": 11.0,
             "background_complexity": True,
+            "background_width": 1.0,
             "glimpse_size": 0,
         }
     )

@@ -204,6 +204,7 @@ def reference_run(data_dir, cache_dir, tmp_path_factory):
     return workdir, _ids(workdir), _final_params(workdir, 4)
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_kill_9_and_rerun_continues_exactly(
     reference_run, data_dir, cache_dir, tmp_path
 ):
@@ -228,6 +229,7 @@ def test_kill_9_and_rerun_continues_exactly(
 @pytest.mark.parametrize(
     "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
 )
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_stop_signal_saves_and_exits_cleanly(
     signum, reference_run, data_dir, cache_dir, tmp_path
 ):
@@ -252,6 +254,7 @@ def test_stop_signal_saves_and_exits_cleanly(
     _assert_identical(_final_params(workdir, 4), ref_params)
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_same_seed_is_bit_identical_and_other_seeds_differ(
     reference_run, data_dir, tmp_path
 ):
@@ -271,6 +274,7 @@ def test_same_seed_is_bit_identical_and_other_seeds_differ(
     assert all(differ)
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch
 ):
@@ -396,6 +400,7 @@ def _worker(port: int, process_id: int, data_dir: str, out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_two_processes_match_one(data_dir, cache_dir, tmp_path):
     port = _free_port()
     procs = [

@@ -113,6 +113,7 @@ def curriculum_run(data_dir, tmp_path_factory):
     return workdir, config, results, traces
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_curriculum_runs_all_phases_and_writes_checkpoints(curriculum_run):
     workdir, _, results, _ = curriculum_run
     assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
@@ -123,12 +124,14 @@ def test_curriculum_runs_all_phases_and_writes_checkpoints(curriculum_run):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final["params"]))
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_each_step_function_is_traced_once_per_phase(curriculum_run):
     *_, traces = curriculum_run
     # Phase 1 and phases 2 / 3 each compile their step once; later steps reuse it.
     assert traces == {"background_train_step": 1, "foreground_train_step": 2}
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_hand_off_and_frozen_background(curriculum_run):
     workdir, *_ = curriculum_run
     background = _restore(os.path.join(workdir, checkpointing.BACKGROUND_DIR), 2)
@@ -144,6 +147,7 @@ def test_hand_off_and_frozen_background(curriculum_run):
     )
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_optimiser_restarts_once_and_learning_rate_follows_global_step(
     curriculum_run,
 ):
@@ -159,6 +163,7 @@ def test_optimiser_restarts_once_and_learning_rate_follows_global_step(
         )
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_resume_continues_from_the_latest_checkpoint(curriculum_run, capsys):
     workdir, config, *_ = curriculum_run
     longer = tiny_config(config.data.data_dir, num_train_steps=6)
@@ -174,6 +179,7 @@ def test_resume_continues_from_the_latest_checkpoint(curriculum_run, capsys):
 
 
 @pytest.mark.parametrize("scenario", ["baseline", "frozen_background"])
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_scenario_smoke_and_resume(scenario, data_dir, tmp_path, capsys):
     precompute = scenario == "frozen_background"  # Covers the precomputed path too.
     config = tiny_config(
@@ -238,6 +244,7 @@ def _run_steps(config, mesh, batches):
     return states, losses, steps
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_one_and_four_devices_agree(data_dir):
     assert len(jax.devices()) == 4
     config = tiny_config(data_dir, num_train_steps=3, freeze_background_steps=2)
