@@ -29,10 +29,10 @@ flags.mark_flags_as_required(["workdir", "input", "output"])
 def main(argv):
     del argv  # Unused.
     import numpy as np
-    from ast_seg_jax.models.build import build_model
     from PIL import Image
 
     from ast_seg_jax import checkpointing, inference, visualize
+    from ast_seg_jax.models.build import build_model
 
     try:
         config = checkpointing.read_config(_WORKDIR.value)
