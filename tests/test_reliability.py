@@ -18,11 +18,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax._src import compilation_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # When run as the multi-host worker script.
     sys.path.insert(0, REPO)
+
+from conftest import SMOKE_OVERRIDES, smoke_config
 
 from ast_seg_jax import (
     checkpointing,
@@ -33,60 +34,20 @@ from ast_seg_jax import (
 )
 from ast_seg_jax.models.build import build_background_model, build_model
 from ast_seg_jax.typing import IMAGE
-from experiments.configs import shapes
 
 TIMEOUT = 600
 # The tiny curriculum run of test_trainer.py (same compiled steps), recording its example ids.
-OVERRIDES = {
-    "data.config": "tiny",
-    "model.background_width": 0.125,
-    "model.use_transformer": False,
-    "model.z_what_dim": 8,
-    "background.precompute": False,
-    "log_images_every_steps": 0,
-    "num_eval_images": 4,
-    "checkpoint_every_steps": 2,
-    "max_checkpoints_to_keep": 3,
-    "record_example_ids": True,
-}
+OVERRIDES = {**SMOKE_OVERRIDES, "record_example_ids": True}
 
 
 def tiny_config(data_dir: str, **overrides):
-    config = shapes.get_config("tiny")
-    for key, value in {**OVERRIDES, "data.data_dir": data_dir, **overrides}.items():
-        node = config
-        *path, last = key.split(".")
-        for name in path:
-            node = node[name]
-        node[last] = value
-    return config
+    return smoke_config(data_dir, record_example_ids=True, **overrides)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """The persistent compilation cache of the subprocesses, also used in-process for this module."""
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {key: getattr(jax.config, key) for key in keys}
-    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
-    yield path
-    for key, value in old.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    input_pipeline.get_builder(tiny_config(path).data)
-    return path
+def cache_dir(compilation_cache_dir):
+    """The persistent compilation cache, used in-process and by the subprocesses of this module."""
+    return compilation_cache_dir
 
 
 def _env(cache_dir: str, devices: int = 4) -> dict:

@@ -12,64 +12,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax._src import compilation_cache
+from conftest import smoke_config
 
 from ast_seg_jax import checkpointing, curriculum, input_pipeline, optim, trainer
 from ast_seg_jax.models.build import build_background_model, build_model
 from ast_seg_jax.typing import IMAGE
-from experiments.configs import shapes
 
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 
 
-def tiny_config(data_dir: str, **overrides):
-    """shapes:tiny at its smallest: 2 background steps, 2 + 2 foreground steps, 4 eval images."""
-    config = shapes.get_config("tiny")
-    config.data.config = "tiny"
-    config.data.data_dir = data_dir
-    config.model.background_width = 0.125
-    config.model.use_transformer = False
-    config.model.z_what_dim = 8
-    config.background.precompute = False
-    config.log_images_every_steps = 0
-    config.num_eval_images = 4
-    config.checkpoint_every_steps = 2
-    config.max_checkpoints_to_keep = 3
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for name in path:
-            node = node[name]
-        node[last] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The tiny shapes dataset, built once for this module."""
-    path = str(tmp_path_factory.mktemp("tfds"))
-    input_pipeline.get_builder(tiny_config(path).data)
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (restored to the session's setting after)."""
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {key: getattr(jax.config, key) for key in keys}
-    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
-    yield path
-    for key, value in old.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
+tiny_config = smoke_config
+# A persistent compilation cache shared with test_reliability.py (see conftest.py).
+pytestmark = pytest.mark.usefixtures("compilation_cache_dir")
 
 
 def _restore(directory: str, step: int):
