@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ast_seg_jax.models import layers
+
 CODE_DIM = 16
 _SMALL_IMAGE_LIMIT = 200
 
@@ -301,7 +303,7 @@ class BackgroundDecoder(nn.Module):
                 (k - 1 - p, k - 1 - p + op)
                 for k, p, op in zip(step.kernel, step.padding, step.output_padding)
             ]
-            x = nn.ConvTranspose(
+            x = layers.ConvTranspose(
                 channels[i],
                 kernel_size=step.kernel,
                 strides=step.stride,

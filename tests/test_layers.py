@@ -1,0 +1,89 @@
+"""The sub-pixel transposed convolution equals Flax's / XLA's dilated one, values and gradients."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ast_seg_jax.models import layers
+
+# (input hw, kernel hw, strides, padding of the dilated input): every shape the background model,
+# the glimpse generator and the U-Net use, plus odd strides, asymmetric and negative padding.
+CASES = [
+    ((1, 1), (2, 2), (1, 1), ((1, 1), (1, 1))),  # glimpse layer 0
+    ((4, 4), (4, 4), (2, 2), ((2, 2), (2, 2))),  # glimpse / U-Net doubling
+    ((4, 4), (4, 4), (2, 2), ((2, 3), (2, 3))),  # U-Net with output_padding 1
+    ((5, 3), (5, 5), (2, 2), ((2, 3), (2, 2))),  # AE-NE k5 s2 with output_padding
+    ((2, 2), (2, 2), (1, 1), ((1, 1), (1, 1))),  # AE-NE kernel = side
+    ((7, 9), (5, 5), (3, 3), ((2, 4), (2, 2))),  # large-image AE-NE stride 3
+    ((3, 4), (5, 4), (2, 2), ((0, 0), (3, 1))),
+    ((6, 6), (3, 3), (2, 1), ((1, 2), (0, 0))),
+    ((8, 8), (1, 1), (2, 2), ((0, 0), (0, 1))),
+    ((6, 5), (5, 3), (2, 3), ((-1, 2), (1, -1))),
+]
+
+
+def _reference(x, kernel, strides, padding):
+    return jax.lax.conv_transpose(
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize("hw,khw,strides,padding", CASES)
+def test_matches_dilated_convolution(hw, khw, strides, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, *hw, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*khw, 3, 5)), jnp.float32)
+    want = _reference(x, kernel, strides, padding)
+    got = layers.conv_transpose(x, kernel, strides, padding)
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hw,khw,strides,padding", CASES[1::3])
+def test_gradients_match_dilated_convolution(hw, khw, strides, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, *hw, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*khw, 3, 5)), jnp.float32)
+    want = _reference(x, kernel, strides, padding)
+    # Gradients w.r.t. input and kernel, through a random cotangent.
+    cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+
+    def loss(fn, x, k):
+        return jnp.sum(fn(x, k, strides, padding) * cot)
+
+    want_g = jax.grad(lambda x, k: loss(_reference, x, k), argnums=(0, 1))(x, kernel)
+    got_g = jax.grad(lambda x, k: loss(layers.conv_transpose, x, k), argnums=(0, 1))(
+        x, kernel
+    )
+    for g, w in zip(got_g, want_g):
+        np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-4)
+
+
+def test_module_is_a_drop_in_for_flax_conv_transpose():
+    kwargs = {
+        "features": 6,
+        "kernel_size": (4, 4),
+        "strides": (2, 2),
+        "padding": ((2, 2), (2, 2)),
+        "use_bias": True,
+        "bias_init": nn.initializers.normal(1.0),
+    }
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 5, 4)), jnp.float32)
+    ours, theirs = layers.ConvTranspose(**kwargs), nn.ConvTranspose(**kwargs)
+    params = theirs.init(jax.random.PRNGKey(0), x)
+    # Same parameter names and shapes, so checkpoints of either load into the other.
+    chex.assert_trees_all_equal_shapes(ours.init(jax.random.PRNGKey(0), x), params)
+    np.testing.assert_allclose(
+        ours.apply(params, x), theirs.apply(params, x), atol=1e-4, rtol=1e-5
+    )
+
+
+def test_empty_output_and_channel_mismatch_are_reported():
+    x = jnp.zeros((1, 2, 2, 3))
+    with pytest.raises(ValueError, match="empty output"):
+        layers.conv_transpose(x, jnp.zeros((5, 5, 3, 1)), (1, 1), ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match="channels"):
+        layers.conv_transpose(x, jnp.zeros((2, 2, 4, 1)), (1, 1), ((1, 1), (1, 1)))
