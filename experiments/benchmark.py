@@ -289,8 +289,7 @@ def _setup(config, phase: str, batch_size: int, mesh, seed: int, init: str):
     from jax.sharding import PartitionSpec as P
 
     from ast_seg_jax import curriculum, evaluator, optim, train_state, trainer
-    from ast_seg_jax.models.background import BackgroundAutoencoder
-    from ast_seg_jax.models.build import build_model
+    from ast_seg_jax.models.build import build_background_model, build_model
     from ast_seg_jax.typing import BACKGROUND, IMAGE
 
     image_hw = tuple(config.data.image_size)
@@ -302,9 +301,7 @@ def _setup(config, phase: str, batch_size: int, mesh, seed: int, init: str):
         images = host.random((batch_size, *image_hw, 3), dtype=np.float32)
         return jax.device_put(images, data)
 
-    background_model = BackgroundAutoencoder(
-        image_hw=image_hw, complexity=config.model.background_complexity
-    )
+    background_model = build_background_model(config.model, image_hw)
     start = time.perf_counter()
     if phase == "1":
         if init == "model":
