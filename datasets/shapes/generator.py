@@ -1,6 +1,7 @@
 """Vectorised NumPy generator of synthetic multi-object scenes (no TensorFlow needed).
 
-A scene holds 1..N opaque 2-D objects painted back to front over a smooth colour-gradient background. Each
+A scene holds 1..N opaque 2-D objects painted back to front over a smooth colour-gradient background
+(random per scene, or one fixed backdrop shared by every scene). Each
 object has one of several shape kinds, a saturated random colour that keeps a minimum RGB distance from every
 colour of the background gradient and from the objects painted before it, a random size (14-30 % of the image
 side), position and rotation. Scenes in which an object keeps fewer than `min_visible` visible pixels after
@@ -33,6 +34,8 @@ _MAX_RADIUS = 0.15
 # Minimum RGB distance (colours in [0, 1]) from the background gradient and from earlier objects.
 _MIN_BG_DISTANCE = 0.45
 _MIN_OBJECT_DISTANCE = 0.3
+# The backdrop of `fixed_background` scenes: a blue-grey gradient from the top row to the bottom row.
+FIXED_BACKGROUND = np.array([[0.62, 0.64, 0.68], [0.36, 0.38, 0.42]], np.float32)
 # Candidate colours drawn per object; the first one meeting the distances is kept.
 _COLOUR_CANDIDATES = 48
 
@@ -174,6 +177,7 @@ def _render_chunk(
     max_objects: int,
     textured: bool,
     min_visible: int,
+    fixed_background: bool = False,
 ) -> dict[str, np.ndarray]:
     """Renders `chunk` scenes; returns float images, labels, metadata and a per-scene `ok` flag."""
     n = max_objects
@@ -190,10 +194,14 @@ def _render_chunk(
         axis=-1,
     )
     bg_colours = _hsv_to_rgb(bg_hsv).astype(np.float32)  # [c, 2, 3]
-    bg_start, bg_end = bg_colours[:, 0], bg_colours[:, 1]
     coords = np.arange(size, dtype=np.float32) + 0.5
     ys, xs = coords[:, None], coords[None, :]  # [h, 1], [1, w]
     angle = rng.uniform(0, 2 * np.pi, chunk).astype(np.float32)
+    if fixed_background:
+        # Drawn above all the same, so the other draws do not depend on this choice.
+        bg_colours = np.broadcast_to(FIXED_BACKGROUND, bg_colours.shape).copy()
+        angle = np.full_like(angle, np.pi / 2)
+    bg_start, bg_end = bg_colours[:, 0], bg_colours[:, 1]
     proj = np.cos(angle)[:, None, None] * (xs - size / 2) + np.sin(angle)[
         :, None, None
     ] * (ys - size / 2)  # [c, h, w]
@@ -303,6 +311,7 @@ def generate(
     max_objects: int = 4,
     textured: bool = False,
     min_visible: int | None = None,
+    fixed_background: bool = False,
 ) -> dict[str, np.ndarray]:
     """Generates `num` synthetic scenes, deterministically for `seed`.
 
@@ -315,6 +324,8 @@ def generate(
       textured: fill objects and background with stripes / checks / noise and add background pixel noise.
       min_visible: fewest visible pixels an object may keep after occlusion; scenes below it are redrawn.
         Defaults to 16 pixels at 64x64, scaled with the image area.
+      fixed_background: every scene gets the same backdrop (`FIXED_BACKGROUND`, top to bottom), as the
+        scenes of CLEVR share one backdrop; False draws two colours and a direction per scene.
 
     Returns:
       A dict of numpy arrays (n = num, k = max_objects; unused object slots hold -1 / 0):
@@ -359,7 +370,13 @@ def generate(
     remaining = num
     while remaining > 0:
         scenes = _render_chunk(
-            rng, chunk, image_size, max_objects, textured, min_visible
+            rng,
+            chunk,
+            image_size,
+            max_objects,
+            textured,
+            min_visible,
+            fixed_background,
         )
         keep = np.flatnonzero(scenes["ok"])[:remaining]
         for key in keys:

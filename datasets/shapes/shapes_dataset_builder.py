@@ -21,6 +21,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
       image_size: side of the square images.
       max_objects: N; scenes hold 1..N objects and labels are 0..N.
       textured: stripes / checks / noise textures on objects and background.
+      fixed_background: one backdrop shared by every scene (as in CLEVR) instead of a random gradient
+        per scene.
       num_train: number of training scenes.
       num_test: number of test scenes.
       seed: base seed; the train split uses (seed, 0, block), the test split (seed, 1, block).
@@ -29,6 +31,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     image_size: int = 64
     max_objects: int = 4
     textured: bool = False
+    fixed_background: bool = False
     num_train: int = 20_000
     num_test: int = 1_000
     seed: int = 0
@@ -37,21 +40,26 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class AstShapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic scenes of 1..N opaque shapes over colour gradients, with label maps and object metadata."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First release.",
+        "1.1.0": "default, default_128 and tiny: one fixed backdrop for every scene.",
+    }
     BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
         ShapesConfig(
             name="default",
-            description="64x64, 1..4 flat-coloured shapes over gradients.",
+            description="64x64, 1..4 flat-coloured shapes over one fixed gradient backdrop.",
+            fixed_background=True,
         ),
         ShapesConfig(
             name="default_128",
             description="128x128 version of `default`.",
             image_size=128,
+            fixed_background=True,
         ),
         ShapesConfig(
             name="textured",
-            description="64x64, textured shapes and backgrounds.",
+            description="64x64, textured shapes over random textured gradients.",
             textured=True,
         ),
         ShapesConfig(
@@ -65,6 +73,7 @@ class AstShapes(tfds.core.GeneratorBasedBuilder):
             description="Small 64x64 `default` (256 train / 64 test) for smoke tests.",
             num_train=256,
             num_test=64,
+            fixed_background=True,
         ),
     ]
     DEFAULT_CONFIG_NAME = "default"
@@ -122,6 +131,7 @@ class AstShapes(tfds.core.GeneratorBasedBuilder):
                 image_size=config.image_size,
                 max_objects=config.max_objects,
                 textured=config.textured,
+                fixed_background=config.fixed_background,
             )
             for i in range(len(scenes["image"])):
                 n = int(scenes["num_objects"][i])

@@ -95,3 +95,28 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="max_objects"):
         generator.generate(2, seed=0, max_objects=0)
     assert generator.generate(0, seed=0)["image"].shape == (0, 64, 64, 3)
+
+
+def test_fixed_background_is_shared_and_changes_nothing_else():
+    fixed = generator.generate(
+        16, seed=3, image_size=64, max_objects=4, fixed_background=True
+    )
+    free = generator.generate(16, seed=3, image_size=64, max_objects=4)
+    # Same layouts (the choice does not shift the random stream; colours are picked to stand out from
+    # the backdrop, so they differ) ...
+    for key in ("segmentation", "shape", "centre"):
+        np.testing.assert_array_equal(fixed[key], free[key])
+    # ... and every background pixel has the colour of that pixel in every other scene.
+    backdrop = np.zeros((64, 64, 3), np.int64)
+    seen = np.zeros((64, 64), bool)
+    for image, labels in zip(fixed["image"], fixed["segmentation"]):
+        bg = labels == 0
+        both = bg & seen
+        np.testing.assert_array_equal(image[both], backdrop[both])
+        backdrop[bg], seen[bg] = image[bg], True
+    assert seen.mean() > 0.95
+    # Top-to-bottom gradient between the two FIXED_BACKGROUND colours.
+    top, bottom = backdrop[0, 0] / 255, backdrop[-1, 0] / 255
+    np.testing.assert_allclose(top, generator.FIXED_BACKGROUND[0], atol=0.02)
+    np.testing.assert_allclose(bottom, generator.FIXED_BACKGROUND[1], atol=0.02)
+    assert not np.array_equal(free["image"][0], free["image"][1])
