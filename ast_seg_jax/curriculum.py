@@ -10,6 +10,9 @@ import ml_collections
 
 from ast_seg_jax.losses import quadratic_warmup
 
+# Sharpness of the AE-NE robust pixel weights (spec section 5.3).
+AE_NE_BETA = 6.0
+
 SCENARIOS = ("curriculum", "baseline", "frozen_background")
 
 PHASE_BACKGROUND = 1
@@ -81,6 +84,23 @@ def background_learning_rate(step, config: ml_collections.ConfigDict):
     boundary = int(bg.decay_fraction * bg.num_train_steps)
     s = jnp.asarray(step, jnp.float32)
     return bg.learning_rate * jnp.where(s >= boundary, 0.1, 1.0)
+
+
+def background_loss_beta(step, config: ml_collections.ConfigDict):
+    """Sharpness beta of the AE-NE pixel weights exp(-beta m) at a phase-1 step.
+
+    The official value (6) from the first step when `config.background.robust_warmup_steps` is 0;
+    otherwise a linear ramp from 0 (every pixel weighs 1: plain smooth-L1 reconstruction) to 6 over
+    that many steps. A deviation for short runs: from a random initialisation the AE-NE output is
+    one flat colour, every pixel far from it gets weight ~exp(-6), and the robust loss then keeps
+    the network near that flat image for thousands of steps; the ramp first lets it learn the
+    coarse image and then narrows the loss onto the pixels it explains (the background).
+    """
+    warmup = config.background.robust_warmup_steps
+    if warmup <= 0:
+        return jnp.float32(AE_NE_BETA)
+    t = jnp.asarray(step, jnp.float32)
+    return AE_NE_BETA * jnp.minimum(1.0, t / warmup)
 
 
 def pixel_entropy_weight(step, config: ml_collections.ConfigDict):

@@ -271,10 +271,11 @@ def background_train_step(state: train_state.TrainState, batch, *, model, config
     """One phase-1 step: the AE-NE robust loss on the background autoencoder."""
     image = batch[IMAGE]
     lr = curriculum.background_learning_rate(state.step, config)
+    beta = curriculum.background_loss_beta(state.step, config)
 
     def loss_fn(params):
         rgba = model.apply({"params": params}, image)
-        return losses.background_loss(image, rgba).mean()
+        return losses.background_loss(image, rgba, beta=beta).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     tx = optim.background_optimizer(config)
@@ -286,6 +287,7 @@ def background_train_step(state: train_state.TrainState, batch, *, model, config
     metrics = {
         "loss": loss,
         "learning_rate": lr,
+        "robust_beta": beta,
         "l2_grads": grad_norm,
         "l2_params": param_norm,
         "is_finite": _all_finite(loss, grad_norm, param_norm),

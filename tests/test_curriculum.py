@@ -81,3 +81,15 @@ def test_bad_scenario_is_rejected():
         curriculum.check_scenario(_config(scenario="curiculum"))
     with pytest.raises(ValueError, match="freeze_background_steps"):
         curriculum.check_scenario(_config(freeze_background_steps=200_000))
+
+
+def test_background_loss_beta_ramp():
+    config = base.get_config()
+    assert (
+        config.background.robust_warmup_steps == 0
+    )  # Official: beta 6 from the start.
+    for step in (0, 1, 10**6):
+        assert float(curriculum.background_loss_beta(step, config)) == 6.0
+    config.background.robust_warmup_steps = 100
+    got = [float(curriculum.background_loss_beta(s, config)) for s in (0, 50, 100, 500)]
+    np.testing.assert_allclose(got, [0.0, 3.0, 6.0, 6.0])

@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.background.num_train_steps = 500_000
     config.background.batch_size = 128
     config.background.learning_rate = 2e-3
+    # Linear ramp of the AE-NE weight sharpness beta from 0 to 6 over this many steps; 0 = the
+    # official loss from the first step (see curriculum.background_loss_beta).
+    config.background.robust_warmup_steps = 0
     config.background.decay_fraction = (
         0.8  # lr x 0.1 from this fraction of the steps on.
     )

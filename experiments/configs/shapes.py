@@ -16,6 +16,11 @@ The architecture and the losses are the paper's. What differs from the paper's h
   afford B3 (about 8x the FLOPs) and the project needs no download.
 - Background autoencoder: the simple AE-NE schedule at a quarter of its widths (`model.background_width`):
   the built-in backgrounds are smooth two-colour gradients, and the full network would cost 14x more.
+- Background pretraining: 300 steps at learning rate 5e-4 (the paper: 500k steps at 2e-3; at 2e-3 and batch 32
+  the small network collapsed to one flat colour), and the AE-NE weight sharpness beta ramped from 0 to 6 over
+  the first 150 steps (`background.robust_warmup_steps`; the paper: 6 from the start, which holds a randomly
+  initialised network on a flat image). On the default dataset's shared backdrop this reaches a mean L1 error
+  of 0.008 (channel sum, [0, 1] units) on background pixels against 0.94 on object pixels.
 - Step counts: a few thousand steps instead of 500k + 125k; every ramp keeps the paper's proportions
   (phase 2 = 24 % of the foreground steps, warm-up 4 %, entropy ramp 8 %, decay at 80 % / 90 %).
 - Batch 32 instead of 64, learning rate 10x the paper's (4e-4) to make up for the few steps.
@@ -40,8 +45,10 @@ def get_config(arg: str = ""):
     config.model.background_complexity = False
     config.model.background_width = 0.25
 
-    config.background.num_train_steps = 400
+    config.background.num_train_steps = 300
     config.background.batch_size = 32
+    config.background.learning_rate = 5e-4
+    config.background.robust_warmup_steps = 150
     config.background.precompute = False
 
     config.num_train_steps = 2_000
