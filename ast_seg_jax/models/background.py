@@ -16,7 +16,8 @@ Kernel schedule (computed per side from the image size, repeated until the side 
 
 The decoder runs the mirrored list with transposed convolutions and PyTorch
 ``output_padding = (in + 2p - k) mod s``, so every decoder activation has exactly the size of
-the matching encoder input.
+the matching encoder input. The transposed convolutions are computed as sub-pixel convolutions
+(`layers.ConvTranspose`: same parameters and outputs as Flax's, several times faster to train on a CPU).
 
 Channel schedules are the official ones for 5, 6 and 7 blocks (200x320, 64x64 and 128x128
 images; both ``complexity`` settings). Other sizes (a rule of this port, the official code
