@@ -17,23 +17,19 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Data (see ast_seg_jax/input_pipeline.py) ----
     config.data = ml_collections.ConfigDict()
-    config.data.name = (
-        "clevrtex"  # shapes | clevrtex | clevr | objects_room | shapestacks | folder
-    )
+    # shapes | clevrtex | clevr | objects_room | shapestacks | folder
+    config.data.name = "clevrtex"
     config.data.config = "full"  # Builder config (e.g. clevrtex: full / outd / camo).
-    config.data.data_dir = (
-        ""  # TFDS data dir; '' means the TFDS default (~/tensorflow_datasets).
-    )
-    config.data.manual_dir = (
-        ""  # Where downloaded raw files are (only needed to prepare a dataset).
-    )
+    # TFDS data dir; '' means the TFDS default (~/tensorflow_datasets).
+    config.data.data_dir = ""
+    # Where downloaded raw files are (only needed to prepare a dataset).
+    config.data.manual_dir = ""
     config.data.dir = ""  # Root of an image folder dataset (name=folder).
     # (height, width) the model sees. TFDS datasets are stored at their benchmark resolution and must
     # match it; folder images are resized to it.
     config.data.image_size = (128, 128)
-    config.data.crop = (
-        "center"  # Folder images: 'center' (crop to the aspect first) or 'none'.
-    )
+    # Folder images: 'center' (crop to the aspect first) or 'none'.
+    config.data.crop = "center"
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.shuffle_buffer = 10_000
@@ -42,9 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.num_slots = 10  # K, the maximum number of objects per image.
     config.model.z_what_dim = 32  # Width of each object's appearance vector.
-    config.model.isotropic = (
-        False  # One scale per object (True) or separate x/y scales.
-    )
+    # One scale per object (True) or separate x/y scales.
+    config.model.isotropic = False
     # The official code reads the activation logit at latent index 4, which aliases z_what[0] when
     # isotropic. True uses the clean layout (activation at index 2 + scale dims) instead.
     config.model.clean_latent_layout = False
@@ -53,20 +48,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Local Hugging Face checkpoint dir (config.json + model.safetensors) for the MiT encoder, e.g. a
     # saved copy of nvidia/mit-b3. '' trains the encoder from random initialisation.
     config.model.pretrained_encoder = ""
-    config.model.normalize_input = (
-        False  # ImageNet mean/std on the input (the official code feeds [0, 1]).
-    )
-    config.model.use_transformer = (
-        True  # False: pooled latents go straight to the renderer (ablation).
-    )
+    # ImageNet mean/std on the input (the official code feeds [0, 1]).
+    config.model.normalize_input = False
+    # False: pooled latents go straight to the renderer (ablation).
+    config.model.use_transformer = True
     config.model.transformer_layers = 6
     config.model.transformer_dim = 256
     config.model.transformer_heads = 8
     config.model.transformer_mlp_dim = 512
     config.model.transformer_dropout = 0.1
-    config.model.min_scale = (
-        1.3  # Inverse scale of the largest object (it spans 1/1.3 of the image).
-    )
+    # Inverse scale of the largest object (it spans 1/1.3 of the image).
+    config.model.min_scale = 1.3
     config.model.max_scale = 24.0  # Inverse scale of the smallest object.
     config.model.background_logit_init = 11.0  # log(alpha_0) at initialisation.
     config.model.background_complexity = True  # Wider AE-NE channel schedule.
@@ -88,9 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Linear ramp of the AE-NE weight sharpness beta from 0 to 6 over this many steps; 0 = the
     # official loss from the first step (see curriculum.background_loss_beta).
     config.background.robust_warmup_steps = 0
-    config.background.decay_fraction = (
-        0.8  # lr x 0.1 from this fraction of the steps on.
-    )
+    # lr x 0.1 from this fraction of the steps on.
+    config.background.decay_fraction = 0.8
     # Directory of a background checkpoint from another run (its WORKDIR/background); used instead of
     # phase 1 when set.
     config.background.restore_from = ""
