@@ -15,6 +15,7 @@ is replicated, so the same code runs on one CPU, several GPUs or several hosts.
 
 import functools
 import os
+import shutil
 import signal
 import threading
 import time
@@ -137,16 +138,28 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
 
 
+# Free space the workdir's filesystem must have before training starts: a floor that catches a full disk
+# up front (a Segformer-B3 checkpoint with its Adam state is about 0.6 GB), not a guarantee for long runs.
+MIN_FREE_BYTES = 1 << 30
+
+
 def check_workdir(workdir: str) -> None:
-    """Makes sure `workdir` exists and can be written before any work is done."""
+    """Makes sure `workdir` exists, can be written and has MIN_FREE_BYTES free before any work is done."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_probe")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
+        free = shutil.disk_usage(workdir).free
     except OSError as e:
         raise OSError(f"The workdir {workdir!r} cannot be written: {e}") from e
+    if free < MIN_FREE_BYTES:
+        raise OSError(
+            f"The workdir {workdir!r} is on a filesystem with {free / 2**20:.0f} MiB free; training "
+            f"needs at least {MIN_FREE_BYTES / 2**20:.0f} MiB (checkpoints, logs). Free some space or "
+            "choose another workdir."
+        )
 
 
 class StopRequest:

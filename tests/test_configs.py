@@ -1,4 +1,12 @@
-"""Every experiment config builds, shrinks for smoke tests, and rejects misspelt overrides."""
+"""Every experiment config builds, shrinks for smoke tests, trains through every phase and resumes, and
+rejects misspelt overrides.
+
+The training smoke runs use small fake datasets in each benchmark's real on-disk format (tests/fake_data.py),
+prepared by the project's own builders, and keep each config's own model and curriculum settings (K, scale
+mode, background schedule, precomputed backgrounds, image size of the stored data) apart from what
+`:tiny` shrinks. Each run dies after phase-2 step 1 and is rerun, which resumes it. The `shapes` config's
+run is the session's smoke run (conftest.py), checked by test_trainer.py and test_reliability.py.
+"""
 
 import glob
 import importlib
@@ -6,9 +14,14 @@ import os
 import subprocess
 import sys
 
+import fake_data
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from conftest import SimulatedCrash, crash_before_foreground_step
 
-from ast_seg_jax import curriculum
+from ast_seg_jax import checkpointing, curriculum, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
 NAMES = sorted(
@@ -67,3 +80,138 @@ def test_misspelt_override_is_rejected_by_the_launcher(tmp_path):
     assert proc.returncode != 0
     assert "num_slot" in proc.stderr
     assert not os.listdir(tmp_path)  # Nothing was written.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every config through all three phases and a resume.
+
+# `shapes.py:tiny` is the session's smoke run (conftest.py), which test_trainer.py checks phase by phase
+# and test_reliability.py interrupts and resumes.
+SMOKE_RUN_ELSEWHERE = {"shapes"}
+# One phase-1 step, one phase-2 step, one phase-3 step, a checkpoint after each.
+SMOKE_STEPS = {
+    "background.num_train_steps": 1,
+    "num_train_steps": 2,
+    "freeze_background_steps": 1,
+    "checkpoint_every_steps": 1,
+    "max_checkpoints_to_keep": 3,
+    "warmup_steps": 1,
+    "pixel_entropy_warmup_steps": 1,
+    "log_images_every_steps": 0,
+    "num_eval_images": 4,
+    # The smallest background autoencoder (a multiplier of the config's own channel schedule).
+    "model.background_width": 0.125,
+}
+# The folder config resizes any image; the others' stored sizes are the benchmarks'.
+IMAGE_SIZE = {"folder": (32, 32)}
+
+
+def _set(config, key: str, value) -> None:
+    node = config
+    *path, last = key.split(".")
+    for name in path:
+        node = node[name]
+    node[last] = value
+
+
+def smoke_config_of(name: str, data_overrides: dict):
+    """`NAME.py:tiny` with the config's own background schedule and the smoke step counts."""
+    module = importlib.import_module(f"experiments.configs.{name}")
+    own = module.get_config()
+    config = module.get_config("tiny")
+    # `tiny` picks the simple background schedule for every config; keep the config's own.
+    config.model.background_complexity = own.model.background_complexity
+    for key, value in {**SMOKE_STEPS, **data_overrides}.items():
+        _set(config, key, value)
+    if name in IMAGE_SIZE:
+        config.data.image_size = IMAGE_SIZE[name]
+    return config
+
+
+def _checkpoint_steps(directory: str) -> list[int]:
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    steps = sorted(mngr.all_steps())
+    mngr.close()
+    return steps
+
+
+def _params(directory: str, step: int):
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    params = mngr.restore(step, args=ocp.args.StandardRestore())["params"]
+    mngr.close()
+    return params
+
+
+SMOKE_TESTED = [n for n in NAMES if n not in SMOKE_RUN_ELSEWHERE]
+
+
+def test_every_config_has_a_training_smoke_run():
+    assert set(SMOKE_TESTED) | SMOKE_RUN_ELSEWHERE == set(NAMES)
+
+
+# In CI: clevrtex (128 px, K=10, complex background, precomputed backgrounds) and folder (users' images).
+# clevr, objects_room and shapestacks run the same code paths with other sizes and data formats (their
+# loaders are tested on real-format files in tests/datasets/); their whole runs add about 5 minutes of
+# compute, which the CI budget cannot carry, so they are `slow`.
+SMOKE_SLOW = {"clevr", "objects_room", "shapestacks"}
+
+
+@pytest.mark.usefixtures("compilation_cache_dir")
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in SMOKE_SLOW else n
+        for n in SMOKE_TESTED
+    ],
+)
+def test_config_trains_every_phase_and_resumes(name, tmp_path, monkeypatch, capsys):
+    # On one device, which compiles a quarter faster; data parallelism is the smoke run's and the
+    # multi-host test's concern (test_reliability.py).
+    create_mesh = trainer.create_mesh
+    monkeypatch.setattr(
+        trainer,
+        "create_mesh",
+        lambda devices=None: create_mesh(devices or jax.devices()[:1]),
+    )
+    config = smoke_config_of(name, fake_data.prepare_dataset(name, str(tmp_path)))
+    workdir = str(tmp_path / "workdir")
+    background = os.path.join(workdir, checkpointing.BACKGROUND_DIR)
+    ckpt = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+
+    # Phase 1 and phase 2 (from precomputed backgrounds where the config says so), then the run dies.
+    with monkeypatch.context() as patch:
+        crash_before_foreground_step(patch, 1)
+        with pytest.raises(SimulatedCrash):
+            trainer.train_and_evaluate(config, workdir)
+    out = capsys.readouterr().out
+    assert "Phase 1: background pretraining, steps 0..1." in out
+    assert _checkpoint_steps(background) == [1]
+    assert _checkpoint_steps(ckpt) == [1]
+    precomputed = os.path.join(background, "precomputed", trainer.PRECOMPUTED_FILE)
+    assert os.path.exists(precomputed) == config.background.precompute
+
+    # Rerun: resumes in phase 2-3, restarts Adam for phase 3, trains the last step and evaluates.
+    results = trainer.train_and_evaluate(config, workdir)
+    out = capsys.readouterr().out
+    assert "Phase 1: resuming from step 1." in out
+    assert "Phases 2-3: resuming from step 1." in out
+    assert "Step 1: phase 3 starts" in out
+    assert _checkpoint_steps(ckpt) == [1, 2]
+    # The model is the config's: K attention maps, z_what, 1 or 2 scales, the transformer.
+    model = config.model
+    first, final = _params(ckpt, 1), _params(ckpt, 2)
+    channels = model.num_slots + model.z_what_dim + 1 + (1 if model.isotropic else 2)
+    head = final["feature_generator"]["decode_head"]["classifier"]
+    assert head["bias"].shape == (channels,)
+    assert ("transformer" in final) == model.use_transformer
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final))
+    # Phase 2 kept the pretrained background; phase 3 trained it.
+    pretrained = _params(background, 1)["decoder"]["conv_0"]["kernel"]
+    kernels = [
+        p["background_model"]["decoder"]["conv_0"]["kernel"] for p in (first, final)
+    ]
+    np.testing.assert_array_equal(kernels[0], pretrained)
+    assert not np.array_equal(kernels[1], pretrained)
+    # Evaluation on the config's eval split, with segmentation metrics from its label maps.
+    assert 0 < results["num_images"] <= config.num_eval_images
+    assert np.isfinite(results["mse"]) and 0.0 <= results["ari_fg"] <= 1.0

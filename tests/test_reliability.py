@@ -1,18 +1,25 @@
 """Faults a long run meets, injected on the tiny shapes config: kill -9 and rerun, SIGTERM / SIGINT,
-determinism, two processes on localhost, bad input and a NaN loss.
+determinism, two processes on localhost, bad input, a NaN loss and a full disk.
 
 Training runs go through `python -m experiments.train` in subprocesses with timeouts where a process must
-die or several must cooperate; the rest runs in-process. Executables are shared through a persistent
-compilation cache under pytest's base temp directory (also used by test_trainer.py).
+die or several must cooperate; the rest runs in-process. The reference is the session's smoke run
+(`smoke_run` in conftest.py, also the trainer tests' curriculum run), and every run here uses its config,
+so in-process runs and subprocesses load its executables from the shared persistent compilation cache.
+
+One chain of CLI runs serves the signal and kill tests: SIGTERM during phase 1, rerun and kill -9 during
+phase 3, rerun to the end.
 """
 
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -23,21 +30,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # When run as the multi-host worker script.
     sys.path.insert(0, REPO)
 
-from conftest import SMOKE_OVERRIDES, smoke_config
+from conftest import (
+    SMOKE_OVERRIDES,
+    SimulatedCrash,
+    crash_before_foreground_step,
+    intercept_foreground_batches,
+    smoke_config,
+    subprocess_env,
+)
 
 from ast_seg_jax import (
     checkpointing,
     curriculum,
     input_pipeline,
-    optim,
     trainer,
 )
 from ast_seg_jax.models.build import build_background_model, build_model
 from ast_seg_jax.typing import IMAGE
 
 TIMEOUT = 600
-# The tiny curriculum run of test_trainer.py (same compiled steps), recording its example ids.
+# The smoke curriculum of conftest.py (same compiled steps), recording its example ids.
 OVERRIDES = {**SMOKE_OVERRIDES, "record_example_ids": True}
+BACKGROUND_IDS = trainer.EXAMPLE_IDS_FILES[curriculum.PHASE_BACKGROUND]
+FOREGROUND_IDS = trainer.EXAMPLE_IDS_FILES[curriculum.PHASE_FOREGROUND]
 
 
 def tiny_config(data_dir: str, **overrides):
@@ -51,17 +66,7 @@ def cache_dir(compilation_cache_dir):
 
 
 def _env(cache_dir: str, devices: int = 4) -> dict:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        JAX_DEFAULT_MATMUL_PRECISION="highest",  # As tests/conftest.py sets in-process.
-        PYTHONPATH=REPO,
-    )
-    return env
+    return subprocess_env(cache_dir, devices)
 
 
 def _train_command(workdir: str, data_dir: str, **overrides) -> list[str]:
@@ -115,7 +120,7 @@ def _finish(proc: subprocess.Popen) -> tuple[str, str]:
 
 
 def _wait_for_step(proc: subprocess.Popen, path: str, step: int) -> None:
-    """Waits until the run recorded the batch of foreground step `step`."""
+    """Waits until the run recorded the batch of step `step` in the example-id file `path`."""
     deadline = time.time() + TIMEOUT
     while time.time() < deadline:
         if os.path.exists(path) and step in trainer.read_example_ids(path):
@@ -156,58 +161,110 @@ def _no_temporary_checkpoints(workdir: str) -> bool:
     return True
 
 
+def _steps(directory: str) -> list[int]:
+    """Steps of the complete checkpoints in `directory` (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    steps = sorted(mngr.all_steps())
+    mngr.close()
+    return steps
+
+
 @pytest.fixture(scope="module")
-def reference_run(data_dir, cache_dir, tmp_path_factory):
-    """An uninterrupted CLI run: its example ids and final parameters."""
-    workdir = str(tmp_path_factory.mktemp("reference") / "wd")
-    result = _train(workdir, data_dir, cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+def reference_run(smoke_run):
+    """The uninterrupted run: its workdir, example ids and final parameters."""
+    workdir = smoke_run.workdir
     return workdir, _ids(workdir), _final_params(workdir, 4)
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
-def test_kill_9_and_rerun_continues_exactly(
-    reference_run, data_dir, cache_dir, tmp_path
-):
-    _, ref_ids, ref_params = reference_run
-    workdir = str(tmp_path / "wd")
-    proc = _start(workdir, data_dir, cache_dir, tmp_path / "log")
+def _outcome(proc: subprocess.Popen, workdir: str) -> types.SimpleNamespace:
+    stdout, stderr = _finish(proc)
+    return types.SimpleNamespace(
+        returncode=proc.returncode,
+        stdout=stdout,
+        stderr=stderr,
+        steps={
+            name: _steps(os.path.join(workdir, name))
+            for name in (checkpointing.BACKGROUND_DIR, checkpointing.CHECKPOINT_DIR)
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def interrupted_runs(smoke_run, cache_dir, tmp_path_factory):
+    """One workdir, three CLI runs of the smoke config: SIGTERM during phase 1, rerun and kill -9 while
+    phase-3 step 3 runs, rerun to the end. The outcome of each (the last one a CompletedProcess)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    workdir, data_dir = str(root / "wd"), smoke_run.data_dir
+    proc = _start(workdir, data_dir, cache_dir, root / "term")
+    _wait_for_step(proc, os.path.join(workdir, BACKGROUND_IDS), 1)
+    proc.send_signal(signal.SIGTERM)
+    terminated = _outcome(proc, workdir)
+    proc = _start(workdir, data_dir, cache_dir, root / "kill")
     # Killed while step 3 runs: its checkpoint does not exist, the one of step 2 may be complete.
-    _wait_for_step(proc, os.path.join(workdir, "example_ids.txt"), 3)
+    _wait_for_step(proc, os.path.join(workdir, FOREGROUND_IDS), 3)
     proc.send_signal(signal.SIGKILL)
-    _finish(proc)
-    assert proc.returncode == -signal.SIGKILL
-    result = _train(workdir, data_dir, cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from step" in result.stdout
-    # Same batches at every step (none skipped or repeated) and bit-identical parameters.
+    killed = _outcome(proc, workdir)
+    final = _train(workdir, data_dir, cache_dir)
+    return types.SimpleNamespace(
+        workdir=workdir, terminated=terminated, killed=killed, final=final
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(interrupted_runs):
+    run = interrupted_runs.terminated
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    # Stopped after the step that was running (normally step 1 of phase 1), with its checkpoint.
+    found = re.search(
+        r"SIGTERM received: (background|foreground) stopped after step (\d+), whose checkpoint "
+        r"is saved\. Rerun the same command to resume\.",
+        run.stderr,
+    )
+    assert found, run.stderr[-3000:]
+    name, step = found.group(1), int(found.group(2))
+    directory = {
+        "background": checkpointing.BACKGROUND_DIR,
+        "foreground": checkpointing.CHECKPOINT_DIR,
+    }[name]
+    assert run.steps[directory][-1] == step
+    # The next run picks it up.
+    phase = "Phase 1" if name == "background" else "Phases 2-3"
+    assert f"{phase}: resuming from step {step}." in interrupted_runs.killed.stdout
+
+
+def test_kill_9_and_rerun_continues_exactly(interrupted_runs, reference_run):
+    _, ref_ids, ref_params = reference_run
+    killed, final = interrupted_runs.killed, interrupted_runs.final
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert 3 not in killed.steps[checkpointing.CHECKPOINT_DIR]
+    assert final.returncode == 0, final.stderr[-3000:]
+    if killed.steps[checkpointing.CHECKPOINT_DIR]:
+        last = killed.steps[checkpointing.CHECKPOINT_DIR][-1]
+        assert f"Phases 2-3: resuming from step {last}." in final.stdout
+    # Same batches at every step (none skipped or repeated) and bit-identical parameters, also across
+    # the SIGTERM in phase 1; the CLI runs match the in-process reference run.
+    workdir = interrupted_runs.workdir
     assert _ids(workdir) == ref_ids
-    assert sorted(ref_ids["example_ids.txt"]) == [1, 2, 3, 4]
+    assert sorted(ref_ids[FOREGROUND_IDS]) == [1, 2, 3, 4]
     _assert_identical(_final_params(workdir, 4), ref_params)
     assert _no_temporary_checkpoints(workdir)
 
 
-@pytest.mark.parametrize(
-    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
-)
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
-def test_stop_signal_saves_and_exits_cleanly(
-    signum, reference_run, data_dir, cache_dir, tmp_path
-):
+@pytest.mark.slow  # Two more whole CLI runs; SIGTERM, which shares the code path, runs in CI.
+def test_sigint_saves_and_exits_cleanly(reference_run, smoke_run, cache_dir, tmp_path):
     _, ref_ids, ref_params = reference_run
-    workdir = str(tmp_path / "wd")
+    workdir, data_dir = str(tmp_path / "wd"), smoke_run.data_dir
     proc = _start(workdir, data_dir, cache_dir, tmp_path / "log")
-    _wait_for_step(proc, os.path.join(workdir, "example_ids.txt"), 3)
-    proc.send_signal(signum)
+    _wait_for_step(proc, os.path.join(workdir, FOREGROUND_IDS), 3)
+    proc.send_signal(signal.SIGINT)
     _, stderr = _finish(proc)
-    assert proc.returncode == 128 + signum, stderr[-3000:]
-    name = signal.Signals(signum).name
-    assert f"{name} received: foreground stopped after step" in stderr
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "SIGINT received: foreground stopped after step" in stderr
     assert "Traceback" not in stderr
     stopped_at = int(stderr.split("stopped after step ")[1].split(",")[0])
-    mngr = ocp.CheckpointManager(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
-    assert mngr.latest_step() == stopped_at
-    mngr.close()
+    assert _steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))[-1] == stopped_at
     result = _train(workdir, data_dir, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from step {stopped_at}" in result.stdout
@@ -215,46 +272,55 @@ def test_stop_signal_saves_and_exits_cleanly(
     _assert_identical(_final_params(workdir, 4), ref_params)
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_same_seed_is_bit_identical_and_other_seeds_differ(
-    reference_run, data_dir, tmp_path
+    reference_run, smoke_run, tmp_path, monkeypatch
 ):
-    _, _, ref_params = reference_run
-    finals = {}
+    """Phase 1 and phase 2 (2 + 2 steps) with seeds 0 and 1, against the reference run (seed 0)."""
+    ref_workdir, ref_ids, _ = reference_run
+    ref_params = _final_params(ref_workdir, 2)
+    crash_before_foreground_step(
+        monkeypatch, 2
+    )  # Stops after the checkpoint of step 2.
+    params, ids = {}, {}
     for seed in (0, 1):
         workdir = str(tmp_path / f"seed{seed}")
-        trainer.train_and_evaluate(tiny_config(data_dir, seed=seed), workdir)
-        finals[seed] = _final_params(workdir, 4)
-    _assert_identical(
-        finals[0], ref_params
-    )  # In-process run == CLI run of the same config.
+        with pytest.raises(SimulatedCrash):
+            trainer.train_and_evaluate(
+                tiny_config(smoke_run.data_dir, seed=seed), workdir
+            )
+        params[seed] = _final_params(workdir, 2)
+        ids[seed] = _ids(workdir)
+    _assert_identical(params[0], ref_params)
+    assert ids[0][BACKGROUND_IDS] == ref_ids[BACKGROUND_IDS]
+    assert ids[0][FOREGROUND_IDS] == {s: ref_ids[FOREGROUND_IDS][s] for s in (1, 2)}
+    # Another seed: other initial parameters, dropout and batches, so every parameter differs.
     differ = [
         not np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(finals[1]), jax.tree.leaves(ref_params))
+        for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(ref_params))
     ]
     assert all(differ)
+    assert ids[1][FOREGROUND_IDS] != ids[0][FOREGROUND_IDS]
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
-    data_dir, tmp_path, monkeypatch
+    smoke_run, tmp_path, monkeypatch
 ):
-    create = input_pipeline.create_train_iterator
+    def poison(step, batch):
+        if step == 1:  # The batch of phase-2 step 2.
+            batch = {**batch, IMAGE: np.full_like(batch[IMAGE], np.nan)}
+        return batch
 
-    def poisoned(*args, start_step=0, **kwargs):
-        for step, batch in enumerate(create(*args, start_step=start_step, **kwargs)):
-            if start_step + step == 2:  # The batch of the third step.
-                batch = {**batch, IMAGE: np.full_like(batch[IMAGE], np.nan)}
-            yield batch
-
-    monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
-    config = tiny_config(data_dir, scenario="baseline", checkpoint_every_steps=1)
+    intercept_foreground_batches(monkeypatch, poison)
+    config = tiny_config(smoke_run.data_dir, checkpoint_every_steps=1)
     workdir = str(tmp_path / "wd")
-    with pytest.raises(trainer.NonFiniteLossError, match="between steps 2 and 3"):
+    with pytest.raises(
+        trainer.NonFiniteLossError, match="between steps 1 and 2"
+    ) as error:
         trainer.train_and_evaluate(config, workdir)
+    assert trainer.raised_by_project(error.value)  # The launcher prints it as one line.
     mngr = ocp.CheckpointManager(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
-    assert mngr.all_steps() == [1, 2]
-    params = mngr.restore(2, args=ocp.args.StandardRestore())["params"]
+    assert mngr.all_steps() == [1]
+    params = mngr.restore(1, args=ocp.args.StandardRestore())["params"]
     mngr.close()
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
@@ -281,9 +347,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def data_parallel_steps(config, global_images: np.ndarray, checkpoint_dir: str):
-    """Phase-2 and phase-3 steps on this process's rows of fixed global batches, then a checkpoint
-    round trip through Orbax on every process.
+def _initial_state(config, model):
+    return trainer.create_foreground_state(
+        config, model, None, jax.random.PRNGKey(config.seed)
+    )
+
+
+def save_initial_state(config, path: str) -> None:
+    """Writes the fresh phase 2-3 state of `config` (computed here) for `load_initial_state`."""
+    model = build_model(config.model, tuple(config.data.image_size))
+    np.savez(path, *jax.tree.leaves(jax.device_get(_initial_state(config, model))))
+
+
+def load_initial_state(config, path: str):
+    """The state `save_initial_state` wrote (no initialisation is compiled: only its shape is traced)."""
+    model = build_model(config.model, tuple(config.data.image_size))
+    structure = jax.tree.structure(
+        jax.eval_shape(lambda: _initial_state(config, model))
+    )
+    stored = np.load(path)
+    return jax.tree.unflatten(
+        structure, [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    )
+
+
+def data_parallel_steps(
+    config, global_images: np.ndarray, checkpoint_dir: str, initial_state=None
+):
+    """Phase-3 steps (every parameter trains) on this process's rows of fixed global batches from a
+    fresh state (`initial_state`, or initialised here), then a checkpoint round trip through Orbax on
+    every process.
 
     Returns:
       (losses, host copy of the final state); the restored checkpoint equals the final state.
@@ -292,36 +385,26 @@ def data_parallel_steps(config, global_images: np.ndarray, checkpoint_dir: str):
     image_hw = tuple(config.data.image_size)
     model = build_model(config.model, image_hw)
     background_model = build_background_model(config.model, image_hw)
-    state = trainer.replicate(
-        trainer.create_foreground_state(
-            config, model, None, jax.random.PRNGKey(config.seed)
+    if initial_state is None:
+        initial_state = _initial_state(config, model)
+    state = trainer.replicate(initial_state, mesh)
+    # The trainer's own step (a partial keeps the function's name, so executables are shared).
+    step_fn = trainer.compile_step(
+        functools.partial(
+            trainer.foreground_train_step,
+            model=model,
+            background_model=background_model,
+            config=config,
+            phase=curriculum.PHASE_JOINT,
         ),
         mesh,
     )
-    steps = {}
-    for phase in (curriculum.PHASE_FOREGROUND, curriculum.PHASE_JOINT):
-        steps[phase] = trainer.compile_step(
-            lambda s, b, phase=phase: trainer.foreground_train_step(
-                s,
-                b,
-                model=model,
-                background_model=background_model,
-                config=config,
-                phase=phase,
-            ),
-            mesh,
-        )
-    tx = optim.foreground_optimizer(config)
     rows = len(global_images[0]) // jax.process_count()
     local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     losses = []
-    for step, images in enumerate(global_images):
-        if curriculum.should_reset_optimizer(step, config):
-            state = state.replace(
-                opt_state=trainer.replicate(tx.init(state.params), mesh)
-            )
+    for images in global_images:
         batch = input_pipeline.to_global_arrays({IMAGE: images[local]}, mesh)
-        state, metrics = steps[curriculum.phase_of(step, config)](state, batch)
+        state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss"]))
     mngr = checkpointing.manager(checkpoint_dir)
     checkpointing.save(mngr, state)
@@ -334,13 +417,25 @@ def data_parallel_steps(config, global_images: np.ndarray, checkpoint_dir: str):
     return losses, host
 
 
+# A smaller model than the smoke config's (no transformer, 2 slots, 32x32 images): data parallelism does
+# not depend on the model, and its multi-process step compiles and runs in seconds.
+MULTIHOST_OVERRIDES = {
+    "model.use_transformer": False,
+    "model.num_slots": 2,
+    "model.z_what_dim": 8,
+    "data.image_size": (32, 32),
+}
+
+
 def _global_images() -> np.ndarray:
-    images = np.random.default_rng(0).uniform(size=(3, 4, 64, 64, 3))
+    """Three global batches of 4 images, each process feeding its half."""
+    images = np.random.default_rng(0).uniform(size=(3, 4, 32, 32, 3))
     return images.astype(np.float32)
 
 
 def _multihost_config(data_dir: str):
-    return tiny_config(data_dir, num_train_steps=3, freeze_background_steps=2)
+    """The smoke config with MULTIHOST_OVERRIDES (its phase-3 step trains every parameter)."""
+    return tiny_config(data_dir, **MULTIHOST_OVERRIDES)
 
 
 def _worker(port: int, process_id: int, data_dir: str, out_dir: str) -> None:
@@ -349,8 +444,12 @@ def _worker(port: int, process_id: int, data_dir: str, out_dir: str) -> None:
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id
     )
     assert jax.process_count() == 2 and len(jax.devices()) == 4
+    config = _multihost_config(data_dir)
     losses, state = data_parallel_steps(
-        _multihost_config(data_dir), _global_images(), os.path.join(out_dir, "ckpt")
+        config,
+        _global_images(),
+        os.path.join(out_dir, "ckpt"),
+        initial_state=load_initial_state(config, os.path.join(out_dir, "initial.npz")),
     )
     np.savez(
         os.path.join(out_dir, f"params{process_id}.npz"),
@@ -361,8 +460,9 @@ def _worker(port: int, process_id: int, data_dir: str, out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_two_processes_match_one(data_dir, cache_dir, tmp_path):
+    # The same initial state everywhere, computed once (the workers skip compiling the initialisation).
+    save_initial_state(_multihost_config(data_dir), str(tmp_path / "initial.npz"))
     port = _free_port()
     procs = [
         subprocess.Popen(

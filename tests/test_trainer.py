@@ -1,12 +1,14 @@
-"""End-to-end training on the tiny shapes dataset: smoke runs of every scenario with resume, the phase
-hand-off, frozen parameters, the optimiser reset, one vs four devices, and no recompilation.
+"""End-to-end training on the tiny shapes dataset: the smoke curriculum (every phase) and its resume, the
+phase hand-off, frozen parameters, the optimiser reset, no recompilation; the other scenarios and one vs
+four devices (slow); bad configs and workdirs.
 
-Compiled executables go to a persistent compilation cache under pytest's base temp directory (shared with
-test_reliability.py), so the many runs of the same tiny config compile each step once.
+The curriculum run is the session's `smoke_run` (conftest.py), shared with test_reliability.py. Compiled
+executables go to the session's persistent compilation cache, so later runs of the same config load them.
 """
 
 import functools
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -18,11 +20,8 @@ from ast_seg_jax import checkpointing, curriculum, input_pipeline, optim, traine
 from ast_seg_jax.models.build import build_background_model, build_model
 from ast_seg_jax.typing import IMAGE
 
-TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
-
-
 tiny_config = smoke_config
-# A persistent compilation cache shared with test_reliability.py (see conftest.py).
+# The session's persistent compilation cache (see conftest.py).
 pytestmark = pytest.mark.usefixtures("compilation_cache_dir")
 
 
@@ -47,45 +46,29 @@ def _equal(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def curriculum_run(data_dir, tmp_path_factory):
+def curriculum_run(smoke_run):
     """A finished 2 + 4 step curriculum run, with the number of traces of each step function."""
-    workdir = str(tmp_path_factory.mktemp("curriculum") / "wd")
-    config = tiny_config(data_dir)
-    traces = {}
-
-    def listener(event, duration, **kwargs):
-        del duration  # Unused.
-        if event == TRACE_EVENT and "train_step" in str(kwargs.get("fun_name", "")):
-            name = kwargs["fun_name"]
-            traces[name] = traces.get(name, 0) + 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        results = trainer.train_and_evaluate(config, workdir)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return workdir, config, results, traces
+    return smoke_run.workdir, smoke_run.config, smoke_run.results, smoke_run.traces
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_curriculum_runs_all_phases_and_writes_checkpoints(curriculum_run):
-    workdir, _, results, _ = curriculum_run
+    workdir, config, results, _ = curriculum_run
     assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
     assert _steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) == [2, 4]
     assert os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE))
-    assert np.isfinite(results["mse"]) and results["num_images"] == 4
+    assert (
+        np.isfinite(results["mse"]) and results["num_images"] == config.num_eval_images
+    )
     final = _restore(os.path.join(workdir, checkpointing.CHECKPOINT_DIR), 4)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final["params"]))
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_each_step_function_is_traced_once_per_phase(curriculum_run):
     *_, traces = curriculum_run
     # Phase 1 and phases 2 / 3 each compile their step once; later steps reuse it.
     assert traces == {"background_train_step": 1, "foreground_train_step": 2}
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_hand_off_and_frozen_background(curriculum_run):
     workdir, *_ = curriculum_run
     background = _restore(os.path.join(workdir, checkpointing.BACKGROUND_DIR), 2)
@@ -101,7 +84,6 @@ def test_hand_off_and_frozen_background(curriculum_run):
     )
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_optimiser_restarts_once_and_learning_rate_follows_global_step(
     curriculum_run,
 ):
@@ -117,19 +99,26 @@ def test_optimiser_restarts_once_and_learning_rate_follows_global_step(
         )
 
 
-@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
-def test_resume_continues_from_the_latest_checkpoint(curriculum_run, capsys):
-    workdir, config, *_ = curriculum_run
-    longer = tiny_config(config.data.data_dir, num_train_steps=6)
-    background_ids_before = _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR))
-    trainer.train_and_evaluate(longer, workdir)
+@pytest.mark.slow  # The same resume as test_kill_9_and_rerun_continues_exactly (CLI, in CI).
+def test_resume_continues_from_the_latest_checkpoint(curriculum_run, tmp_path, capsys):
+    """A copy of the finished run without its last checkpoint (as a run killed during phase 3 leaves
+    it) resumes at step 2: the optimiser restart and steps 3-4 are redone, bit for bit."""
+    source, config, *_ = curriculum_run
+    workdir = str(tmp_path / "wd")
+    shutil.copytree(source, workdir)
+    shutil.rmtree(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "4"))
+    capsys.readouterr()
+    trainer.train_and_evaluate(config, workdir)
     out = capsys.readouterr().out
-    assert "Phases 2-3: resuming from step 4." in out
+    assert "Phase 1: resuming from step 2." in out
     assert "Phase 1: background pretraining" not in out  # Phase 1 was finished.
-    assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == (
-        background_ids_before
-    )
-    assert _steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))[-1] == 6
+    assert "Phases 2-3: resuming from step 2." in out
+    assert "Step 2: phase 3 starts" in out
+    assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
+    ckpt = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+    assert _steps(ckpt) == [2, 4]
+    original = _restore(os.path.join(source, checkpointing.CHECKPOINT_DIR), 4)
+    assert _equal(_restore(ckpt, 4), original)
 
 
 @pytest.mark.parametrize("scenario", ["baseline", "frozen_background"])
@@ -244,3 +233,18 @@ def test_bad_config_and_workdir_fail_before_training(data_dir, tmp_path):
                 tiny_config(data_dir, **{key: value}), str(workdir)
             )
         assert not (workdir / checkpointing.CHECKPOINT_DIR).exists()
+
+
+def test_full_workdir_fails_before_training(data_dir, tmp_path, monkeypatch):
+    free = shutil.disk_usage(tmp_path).free
+    # A filesystem with less free space than training needs (the threshold raised above what is free).
+    monkeypatch.setattr(trainer, "MIN_FREE_BYTES", free + (1 << 30))
+    workdir = tmp_path / "wd"
+    with pytest.raises(OSError, match=r"MiB free; training needs at least") as error:
+        trainer.train_and_evaluate(tiny_config(data_dir), str(workdir))
+    assert trainer.raised_by_project(error.value)  # The launcher prints it as one line.
+    assert os.listdir(workdir) == []  # Nothing written: no config, logs or checkpoints.
+    # Enough space: the check passes (and the run then fails on a config check, before training).
+    monkeypatch.setattr(trainer, "MIN_FREE_BYTES", 1)
+    with pytest.raises(ValueError, match="batch_size=6"):
+        trainer.train_and_evaluate(tiny_config(data_dir, batch_size=6), str(workdir))
