@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -116,12 +117,20 @@ def evaluate(
     for batch in input_pipeline.create_eval_iterator(
         data_config, split=split, global_batch_size=batch_size
     ):
+        image = input_pipeline.to_global_arrays({IMAGE: batch[IMAGE]}, mesh)[IMAGE]
+        if jax.process_count() > 1:
+            # The outputs are the whole global batch on every process; score them against the whole
+            # global batch too (process-major rows, as `to_global_arrays` lays them out).
+            batch = {
+                key: multihost_utils.process_allgather(batch[key], tiled=True)
+                for key in (IMAGE, SEGMENTATION, VALID)
+                if key in batch
+            }
         valid = np.asarray(batch[VALID], bool)
         if max_images > 0:
             valid = valid & (np.cumsum(valid) + count <= max_images)
         if not valid.any():
             break
-        image = input_pipeline.to_global_arrays({IMAGE: batch[IMAGE]}, mesh)[IMAGE]
         pred, recon = jax.device_get(step(variables, image))
         pred, recon = np.asarray(pred)[valid], np.asarray(recon)[valid]
         values = {"mse": metrics.mse(batch[IMAGE][valid], recon)}

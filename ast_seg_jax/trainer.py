@@ -143,11 +143,20 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 MIN_FREE_BYTES = 1 << 30
 
 
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+    """The run's scalar and image writer: TensorBoard files in WORKDIR/logs on process 0, the absl log
+    only on the other processes (which write nothing to the workdir)."""
+    return metric_writers.create_default_writer(
+        os.path.join(workdir, "logs"), just_logging=jax.process_index() != 0
+    )
+
+
 def check_workdir(workdir: str) -> None:
     """Makes sure `workdir` exists, can be written and has MIN_FREE_BYTES free before any work is done."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        # One probe file per process: processes of a multi-host run on one machine share the workdir.
+        probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -776,9 +785,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_lead = jax.process_index() == 0
     if is_lead:
         checkpointing.write_config(workdir, config)
-    writer = metric_writers.create_default_writer(
-        os.path.join(workdir, "logs"), just_logging=not is_lead
-    )
+    writer = create_writer(workdir)
     if is_lead:
         writer.write_hparams(_flat_hparams(config))
     logging.info("Devices: %s", jax.devices())
