@@ -9,6 +9,7 @@ executables go to the session's persistent compilation cache, so later runs of t
 import functools
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -248,3 +249,19 @@ def test_full_workdir_fails_before_training(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "MIN_FREE_BYTES", 1)
     with pytest.raises(ValueError, match="batch_size=6"):
         trainer.train_and_evaluate(tiny_config(data_dir, batch_size=6), str(workdir))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_request_turns_a_signal_into_a_stop_after_the_step(signum):
+    """The handler the training loops use (end to end with SIGTERM in test_reliability.py; SIGINT takes
+    the same path): a first signal only sets the flag, a second Ctrl-C aborts at once, and the previous
+    handlers come back afterwards."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with trainer.StopRequest() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signum)
+        assert stop.requested() and stop.signum == signum
+        if signum == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
