@@ -40,6 +40,7 @@ import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+import orbax.checkpoint as ocp
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +84,16 @@ def smoke_config(data_dir: str, **overrides):
             node = node[name]
         node[last] = value
     return config
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+    """Steps of the complete Orbax checkpoints in `directory` (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    steps = sorted(mngr.all_steps())
+    mngr.close()
+    return steps
 
 
 @pytest.fixture(scope="module")

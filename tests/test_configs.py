@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import SimulatedCrash, crash_before_foreground_step
+from conftest import SimulatedCrash, checkpoint_steps, crash_before_foreground_step
 
 from ast_seg_jax import checkpointing, curriculum, trainer
 
@@ -128,13 +128,6 @@ def smoke_config_of(name: str, data_overrides: dict):
     return config
 
 
-def _checkpoint_steps(directory: str) -> list[int]:
-    mngr = ocp.CheckpointManager(os.path.abspath(directory))
-    steps = sorted(mngr.all_steps())
-    mngr.close()
-    return steps
-
-
 def _params(directory: str, step: int):
     mngr = ocp.CheckpointManager(os.path.abspath(directory))
     params = mngr.restore(step, args=ocp.args.StandardRestore())["params"]
@@ -185,8 +178,8 @@ def test_config_trains_every_phase_and_resumes(name, tmp_path, monkeypatch, caps
             trainer.train_and_evaluate(config, workdir)
     out = capsys.readouterr().out
     assert "Phase 1: background pretraining, steps 0..1." in out
-    assert _checkpoint_steps(background) == [1]
-    assert _checkpoint_steps(ckpt) == [1]
+    assert checkpoint_steps(background) == [1]
+    assert checkpoint_steps(ckpt) == [1]
     precomputed = os.path.join(background, "precomputed", trainer.PRECOMPUTED_FILE)
     assert os.path.exists(precomputed) == config.background.precompute
 
@@ -196,7 +189,7 @@ def test_config_trains_every_phase_and_resumes(name, tmp_path, monkeypatch, caps
     assert "Phase 1: resuming from step 1." in out
     assert "Phases 2-3: resuming from step 1." in out
     assert "Step 1: phase 3 starts" in out
-    assert _checkpoint_steps(ckpt) == [1, 2]
+    assert checkpoint_steps(ckpt) == [1, 2]
     # The model is the config's: K attention maps, z_what, 1 or 2 scales, the transformer.
     model = config.model
     first, final = _params(ckpt, 1), _params(ckpt, 2)

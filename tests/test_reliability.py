@@ -34,6 +34,7 @@ if REPO not in sys.path:  # When run as the multi-host worker script.
 from conftest import (
     SMOKE_OVERRIDES,
     SimulatedCrash,
+    checkpoint_steps,
     crash_before_foreground_step,
     intercept_foreground_batches,
     smoke_config,
@@ -163,16 +164,6 @@ def _no_temporary_checkpoints(workdir: str) -> bool:
     return True
 
 
-def _steps(directory: str) -> list[int]:
-    """Steps of the complete checkpoints in `directory` (none if it does not exist)."""
-    if not os.path.isdir(directory):
-        return []
-    mngr = ocp.CheckpointManager(os.path.abspath(directory))
-    steps = sorted(mngr.all_steps())
-    mngr.close()
-    return steps
-
-
 @pytest.fixture(scope="module")
 def reference_run(smoke_run):
     """The uninterrupted run: its workdir, example ids and final parameters."""
@@ -187,7 +178,7 @@ def _outcome(proc: subprocess.Popen, workdir: str) -> types.SimpleNamespace:
         stdout=stdout,
         stderr=stderr,
         steps={
-            name: _steps(os.path.join(workdir, name))
+            name: checkpoint_steps(os.path.join(workdir, name))
             for name in (checkpointing.BACKGROUND_DIR, checkpointing.CHECKPOINT_DIR)
         },
     )
@@ -266,7 +257,10 @@ def test_sigint_saves_and_exits_cleanly(reference_run, smoke_run, cache_dir, tmp
     assert "SIGINT received: foreground stopped after step" in stderr
     assert "Traceback" not in stderr
     stopped_at = int(stderr.split("stopped after step ")[1].split(",")[0])
-    assert _steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))[-1] == stopped_at
+    assert (
+        checkpoint_steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))[-1]
+        == stopped_at
+    )
     result = _train(workdir, data_dir, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from step {stopped_at}" in result.stdout

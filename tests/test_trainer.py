@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import smoke_config
+from conftest import checkpoint_steps, smoke_config
 
 from ast_seg_jax import checkpointing, curriculum, input_pipeline, optim, trainer
 from ast_seg_jax.models.build import build_background_model, build_model
@@ -33,13 +33,6 @@ def _restore(directory: str, step: int):
     return state
 
 
-def _steps(directory: str) -> list[int]:
-    mngr = ocp.CheckpointManager(os.path.abspath(directory))
-    steps = sorted(mngr.all_steps())
-    mngr.close()
-    return steps
-
-
 def _equal(a, b) -> bool:
     return all(
         np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
@@ -54,8 +47,11 @@ def curriculum_run(smoke_run):
 
 def test_curriculum_runs_all_phases_and_writes_checkpoints(curriculum_run):
     workdir, config, results, _ = curriculum_run
-    assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
-    assert _steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) == [2, 4]
+    assert checkpoint_steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
+    assert checkpoint_steps(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) == [
+        2,
+        4,
+    ]
     assert os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE))
     assert (
         np.isfinite(results["mse"]) and results["num_images"] == config.num_eval_images
@@ -115,9 +111,9 @@ def test_resume_continues_from_the_latest_checkpoint(curriculum_run, tmp_path, c
     assert "Phase 1: background pretraining" not in out  # Phase 1 was finished.
     assert "Phases 2-3: resuming from step 2." in out
     assert "Step 2: phase 3 starts" in out
-    assert _steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
+    assert checkpoint_steps(os.path.join(workdir, checkpointing.BACKGROUND_DIR)) == [2]
     ckpt = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-    assert _steps(ckpt) == [2, 4]
+    assert checkpoint_steps(ckpt) == [2, 4]
     original = _restore(os.path.join(source, checkpointing.CHECKPOINT_DIR), 4)
     assert _equal(_restore(ckpt, 4), original)
 
@@ -132,7 +128,7 @@ def test_scenario_smoke_and_resume(scenario, data_dir, tmp_path, capsys):
     workdir = str(tmp_path / "wd")
     trainer.train_and_evaluate(config, workdir)
     ckpt = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-    assert _steps(ckpt) == [2, 4]
+    assert checkpoint_steps(ckpt) == [2, 4]
     has_background_run = os.path.isdir(
         os.path.join(workdir, checkpointing.BACKGROUND_DIR)
     )
