@@ -46,18 +46,6 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(data_dir: str):
-    """The smallest config that runs every phase on the `tiny` built-in dataset (seconds of compute)."""
-    from experiments.configs import shapes
-
-    config = shapes.get_config("tiny")
-    config.data.config = "tiny"
-    config.data.data_dir = data_dir
-    config.model.background_width = 0.125
-    config.log_images_every_steps = 0
-    return config
-
-
 # The smoke curriculum (2 background steps, 2 + 2 foreground steps, checkpoints at 2 and 4) that the
 # trainer, reliability and CLI tests share: `tiny_config` as dotted overrides of `shapes.py:tiny` (also
 # passed to the launcher as --config.KEY=VALUE flags), so that all of them run the same compiled steps.
@@ -84,6 +72,10 @@ def smoke_config(data_dir: str, **overrides):
             node = node[name]
         node[last] = value
     return config
+
+
+# The smallest config that runs every phase on the `tiny` built-in dataset (seconds of compute).
+tiny_config = smoke_config
 
 
 def checkpoint_steps(directory: str) -> list[int]:

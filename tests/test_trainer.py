@@ -15,13 +15,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import checkpoint_steps, smoke_config
+from conftest import checkpoint_steps, tiny_config
 
 from ast_seg_jax import checkpointing, curriculum, input_pipeline, optim, trainer
 from ast_seg_jax.models.build import build_background_model, build_model
 from ast_seg_jax.typing import IMAGE
 
-tiny_config = smoke_config
 # The session's persistent compilation cache (see conftest.py).
 pytestmark = pytest.mark.usefixtures("compilation_cache_dir")
 
