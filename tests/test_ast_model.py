@@ -346,6 +346,7 @@ def test_build_model_objects_room_like_parameter_counts():
         ({"transformer_heads": 7}, "divisible"),
         ({"segformer_variant": "b9"}, "b9"),
         ({"feature_generator": "unet", "pretrained_encoder": "/x"}, "unet"),
+        ({"unet_width": 0.0}, "unet_width"),
         ({"pretrained_encoder": "no/such/dir"}, "no/such/dir"),
     ],
 )
@@ -378,3 +379,60 @@ def test_build_model_unet_shapes():
     )[1]["intermediates"]
     # The U-Net works at full resolution: attention maps are 32 x 32.
     assert out["attention"][0].shape == (1, 32, 32, 3)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+    model32 = tiny_ast()
+    model16 = tiny_ast(dtype=jnp.bfloat16)
+    variables = _filled_variables(model32)
+    shapes16 = jax.eval_shape(
+        lambda key, x: model16.init(key, x, train=False),
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((B, *HW, 3), jnp.float32),
+    )
+    # Same parameter tree, all float32: checkpoints move between the two precisions.
+    assert jax.tree.structure(shapes16) == jax.tree.structure(variables)
+    assert {x.dtype for x in jax.tree.leaves(shapes16)} == {jnp.dtype(jnp.float32)}
+
+    image = _images()
+    forward = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
+    out32, out16 = (
+        forward(model32, variables, image),
+        forward(model16, variables, image),
+    )
+    for name in ("reconstruction", "weights", "background", "xy", "activation_logit"):
+        value = getattr(out16, name)
+        assert value.dtype == jnp.float32, name
+        np.testing.assert_allclose(value, getattr(out32, name), atol=0.05, err_msg=name)
+    # The convolutions really run in bfloat16 (and none in float32).
+    jaxpr = str(
+        jax.make_jaxpr(lambda v, x: model16.apply(v, x, train=False))(variables, image)
+    )
+    convs = [line for line in jaxpr.splitlines() if "conv_general_dilated[" in line]
+    assert convs and all("bf16[" in line and "f32[" not in line for line in convs)
+
+
+def test_bfloat16_gradients_are_float32_and_finite():
+    model = tiny_ast(dtype=jnp.bfloat16)
+    variables = _filled_variables(tiny_ast())
+    image = _images()
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, image, train=False)
+        return jnp.mean(jnp.square(out.reconstruction - image))
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    leaves = jax.tree.leaves(grads)
+    assert all(
+        g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves
+    )
+    glimpse_grad = jax.tree.leaves(grads["glimpse_generator"])
+    assert any(float(jnp.abs(g).max()) > 0 for g in glimpse_grad)
+
+
+def test_build_model_compute_dtype():
+    assert build_model(_model_config(), (64, 64)).dtype == jnp.float32
+    model = build_model(_model_config(compute_dtype="bfloat16"), (64, 64))
+    assert model.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        build_model(_model_config(compute_dtype="float16"), (64, 64))

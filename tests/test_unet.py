@@ -129,3 +129,18 @@ def test_torch_default_init_bounds():
     # PyTorch quirk: ConvTranspose2d fan_in = out_channels * k * k = 8 * 16.
     assert np.max(np.abs(kernel)) <= 1 / np.sqrt(8 * 16)
     assert np.max(np.abs(kernel)) > 0.9 / np.sqrt(8 * 16)
+
+
+def test_width_multiplier():
+    assert unet.unet_widths((64, 64)) == unet.SMALL_WIDTHS
+    assert unet.unet_widths((64, 64), 0.25) == (20, 32, 48, 64, 64, 64)
+    assert unet.unet_widths((256, 256), 0.1) == (8, 8, 10, 13, 13, 26, 26)
+    with pytest.raises(ValueError, match="width"):
+        unet.unet_widths((64, 64), 0.0)
+    model = unet.UNet(out_channels=5, width=0.25)
+    shapes = jax.eval_shape(
+        lambda key, x: model.init(key, x, train=False),
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
+    assert shapes["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 20)

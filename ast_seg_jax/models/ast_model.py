@@ -49,6 +49,8 @@ natural-video option ``variable_background_activation`` (a learned per-pixel bac
 logit map) is not implemented. Everything else follows ast_model.md sections 0-3.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,6 +80,7 @@ class AST(nn.Module):
       clean_latent_layout: read the activation logit at index 2 + sd instead of the
         official hard-coded index 4 (see the module docstring).
       feature_generator: "segformer" or "unet".
+      unet_width: multiplier of the U-Net's channel widths (1.0 = official).
       segformer_config: architecture of the Segformer (default: MiT-B3 preset).
       normalize_input: ImageNet mean/std normalisation before the Segformer (official: off).
       use_transformer: embed + transformer + readout between pooling and decoding.
@@ -88,6 +91,10 @@ class AST(nn.Module):
       background_complexity: channel schedule of the background autoencoder.
       background_width: hidden-width multiplier of the background autoencoder.
       glimpse_size: glimpse side (32, 64 or 128); 0 picks it from the image size.
+      dtype: computation dtype of the three convolutional networks (feature generator,
+        glimpse generator, background autoencoder): float32, or bfloat16 for mixed
+        precision. Parameters, the transformer, soft-argmax, placement, compositing and the
+        losses stay float32 either way.
     """
 
     image_hw: tuple[int, int]
@@ -96,6 +103,7 @@ class AST(nn.Module):
     isotropic: bool = False
     clean_latent_layout: bool = False
     feature_generator: str = "segformer"
+    unet_width: float = 1.0
     segformer_config: SegformerConfig | None = None
     normalize_input: bool = False
     use_transformer: bool = True
@@ -110,6 +118,7 @@ class AST(nn.Module):
     background_complexity: bool = True
     background_width: float = 1.0
     glimpse_size: int = 0
+    dtype: Any = jnp.float32
 
     @property
     def scale_dim(self) -> int:
@@ -137,10 +146,16 @@ class AST(nn.Module):
                 self.segformer_config or SegformerConfig.preset("b3"),
                 num_outputs=self.generator_channels,
                 normalize_input=self.normalize_input,
+                dtype=self.dtype,
                 name="feature_generator",
             )
         if self.feature_generator == "unet":
-            return UNet(out_channels=self.generator_channels, name="feature_generator")
+            return UNet(
+                out_channels=self.generator_channels,
+                width=self.unet_width,
+                dtype=self.dtype,
+                name="feature_generator",
+            )
         raise ValueError(
             f"feature_generator must be one of {FEATURE_GENERATORS}, got "
             f"{self.feature_generator!r}."
@@ -217,7 +232,7 @@ class AST(nn.Module):
             min_scale=self.min_scale,
             max_scale=self.max_scale,
         )
-        glimpses = GlimpseGenerator(g, name="glimpse_generator")(
+        glimpses = GlimpseGenerator(g, self.dtype, name="glimpse_generator")(
             z_what.reshape(b * k, self.z_what_dim)
         ).reshape(b, k, g, g, 4)
         if not train:
@@ -230,6 +245,7 @@ class AST(nn.Module):
             tuple(self.image_hw),
             self.background_complexity,
             self.background_width,
+            self.dtype,
             name="background_model",
         )
         if background is None:

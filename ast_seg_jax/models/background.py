@@ -45,6 +45,7 @@ convolutions; GroupNorm scale 1, bias 0.
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -223,11 +224,13 @@ class BackgroundEncoder(nn.Module):
       image_hw: (height, width) of the images.
       complexity: selects the channel schedule.
       width: hidden-width multiplier (1.0 = official; see `channel_schedule`).
+      dtype: computation dtype of the convolutions and norms (parameters stay float32).
     """
 
     image_hw: tuple[int, int]
     complexity: bool = True
     width: float = 1.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: Float[Array, "b h w 3"]) -> Float[Array, "b 16"]:
@@ -246,7 +249,7 @@ class BackgroundEncoder(nn.Module):
                 f"BackgroundEncoder built for {tuple(self.image_hw)} got images of shape "
                 f"{images.shape}."
             )
-        x = images
+        x = images.astype(self.dtype)
         for i, step in enumerate(steps):
             x = _with_coordinates(x)
             x = nn.Conv(
@@ -256,12 +259,14 @@ class BackgroundEncoder(nn.Module):
                 padding=[(step.padding[0],) * 2, (step.padding[1],) * 2],
                 use_bias=False,
                 kernel_init=_conv_kernel_init,
+                dtype=self.dtype,
                 name=f"conv_{i}",
             )(x)
             x = nn.GroupNorm(
                 num_groups=_num_groups(channels[i + 1]),
                 epsilon=1e-5,
                 use_fast_variance=False,
+                dtype=self.dtype,
                 name=f"norm_{i}",
             )(x)
             x = nn.celu(x)
@@ -275,11 +280,13 @@ class BackgroundDecoder(nn.Module):
       image_hw: (height, width) of the images.
       complexity: selects the channel schedule.
       width: hidden-width multiplier (1.0 = official; see `channel_schedule`).
+      dtype: computation dtype of the convolutions and norms (parameters stay float32).
     """
 
     image_hw: tuple[int, int]
     complexity: bool = True
     width: float = 1.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, code: Float[Array, "b 16"]) -> Float[Array, "b h w 4"]:
@@ -293,7 +300,7 @@ class BackgroundDecoder(nn.Module):
         """
         steps = conv_schedule(self.image_hw)
         _, channels = channel_schedule(self.image_hw, self.complexity, self.width)
-        x = code.reshape(code.shape[0], 1, 1, CODE_DIM)
+        x = code.reshape(code.shape[0], 1, 1, CODE_DIM).astype(self.dtype)
         # Decoder block j undoes encoder step i = n-1-j; block 0 starts from the code.
         for j, i in enumerate(reversed(range(len(steps)))):
             step = steps[i]
@@ -311,6 +318,7 @@ class BackgroundDecoder(nn.Module):
                 padding=padding,
                 use_bias=False,
                 kernel_init=_conv_transpose_kernel_init,
+                dtype=self.dtype,
                 name=f"conv_{j}",
             )(x)
             if i > 0:
@@ -318,10 +326,11 @@ class BackgroundDecoder(nn.Module):
                     num_groups=_num_groups(channels[i]),
                     epsilon=1e-5,
                     use_fast_variance=False,
+                    dtype=self.dtype,
                     name=f"norm_{j}",
                 )(x)
                 x = nn.celu(x)
-        return nn.sigmoid(x)
+        return nn.sigmoid(x.astype(jnp.float32))
 
 
 class BackgroundAutoencoder(nn.Module):
@@ -335,15 +344,21 @@ class BackgroundAutoencoder(nn.Module):
       image_hw: (height, width) of the images.
       complexity: True selects the wider official channel schedule (ast_model.md 5.2, 5.5).
       width: hidden-width multiplier (1.0 = official; see `channel_schedule`).
+      dtype: computation dtype of the convolutions and norms (parameters stay float32).
     """
 
     image_hw: tuple[int, int]
     complexity: bool = True
     width: float = 1.0
+    dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = BackgroundEncoder(self.image_hw, self.complexity, self.width)
-        self.decoder = BackgroundDecoder(self.image_hw, self.complexity, self.width)
+        self.encoder = BackgroundEncoder(
+            self.image_hw, self.complexity, self.width, dtype=self.dtype
+        )
+        self.decoder = BackgroundDecoder(
+            self.image_hw, self.complexity, self.width, dtype=self.dtype
+        )
 
     def __call__(self, images: Float[Array, "b h w 3"]) -> Float[Array, "b h w 4"]:
         """Reconstructs the background of each image.

@@ -6,7 +6,9 @@ num_slots, z_what_dim, isotropic, clean_latent_layout, feature_generator ('segfo
 'unet'), segformer_variant ('b0'..'b5'), pretrained_encoder (checkpoint directory or ''),
 normalize_input, use_transformer, transformer_layers, transformer_dim, transformer_heads,
 transformer_mlp_dim, transformer_dropout, min_scale, max_scale, background_logit_init,
-background_complexity, glimpse_size (0 = from the image size).
+background_complexity, background_width, glimpse_size (0 = from the image size),
+and the optional unet_width (1.0 when absent) and compute_dtype ('float32' when absent, so that configs saved before it existed
+still build; 'bfloat16' runs the convolutional networks in mixed precision).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
@@ -16,6 +18,7 @@ creates the train state (``ast_seg_jax.pretrained.load_hf_encoder_params``).
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import ml_collections
 
 from ast_seg_jax.models.ast_model import AST, FEATURE_GENERATORS
@@ -45,6 +48,8 @@ MODEL_KEYS = (
     "background_width",
     "glimpse_size",
 )
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def segformer_config_for(model_config: ml_collections.ConfigDict) -> SegformerConfig:
@@ -110,6 +115,8 @@ def build_model(
             f"config.model.feature_generator must be one of {FEATURE_GENERATORS}, got "
             f"{m.feature_generator!r}."
         )
+    if m.get("unet_width", 1.0) <= 0:
+        raise ValueError(f"config.model.unet_width must be > 0, got {m.unet_width}.")
     if m.feature_generator == "unet" and m.pretrained_encoder:
         raise ValueError(
             "config.model.pretrained_encoder is a Segformer checkpoint; it cannot be used "
@@ -120,6 +127,7 @@ def build_model(
             f"config.model.glimpse_size must be 0 (from the image size) or one of "
             f"{GLIMPSE_SIZES}, got {m.glimpse_size}."
         )
+    dtype = compute_dtype(m)
     if not 0 < m.min_scale < m.max_scale:
         raise ValueError(
             "config.model needs 0 < min_scale < max_scale, got "
@@ -152,6 +160,7 @@ def build_model(
         isotropic=bool(m.isotropic),
         clean_latent_layout=bool(m.clean_latent_layout),
         feature_generator=m.feature_generator,
+        unet_width=float(m.get("unet_width", 1.0)),
         segformer_config=segformer_config,
         normalize_input=bool(m.normalize_input),
         use_transformer=bool(m.use_transformer),
@@ -166,6 +175,7 @@ def build_model(
         background_complexity=bool(m.background_complexity),
         background_width=float(m.background_width),
         glimpse_size=int(m.glimpse_size),
+        dtype=dtype,
     )
 
 
@@ -177,4 +187,19 @@ def build_background_model(
         image_hw=tuple(image_hw),
         complexity=bool(model_config.background_complexity),
         width=float(model_config.background_width),
+        dtype=compute_dtype(model_config),
     )
+
+
+def compute_dtype(model_config: ml_collections.ConfigDict):
+    """The jnp dtype named by ``config.model.compute_dtype`` (float32 when the key is absent).
+
+    Raises:
+      ValueError: a name other than those of COMPUTE_DTYPES.
+    """
+    name = model_config.get("compute_dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"config.model.compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {name!r}."
+        )
+    return COMPUTE_DTYPES[name]

@@ -21,6 +21,7 @@ from its output channels).
 """
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -59,9 +60,11 @@ class GlimpseGenerator(nn.Module):
 
     Attributes:
       glimpse_size: output side, one of 32, 64, 128.
+      dtype: computation dtype of the layers (parameters stay float32; the output is float32).
     """
 
     glimpse_size: int = 64
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z_what: Float[Array, "n z"]) -> Float[Array, "n g g 4"]:
@@ -78,7 +81,7 @@ class GlimpseGenerator(nn.Module):
                 f"glimpse_size must be one of {GLIMPSE_SIZES}, got {self.glimpse_size}."
             )
         num_layers = int(math.log2(self.glimpse_size))  # 32 -> 5 layers in all.
-        x = z_what.reshape(z_what.shape[0], 1, 1, z_what.shape[1])  # [n, 1, 1, z]
+        x = z_what.reshape(z_what.shape[0], 1, 1, z_what.shape[1]).astype(self.dtype)
         channels = 2 * self.glimpse_size
         for i in range(num_layers):
             last = i == num_layers - 1
@@ -93,6 +96,7 @@ class GlimpseGenerator(nn.Module):
                 use_bias=last,
                 kernel_init=_kernel_init,
                 bias_init=_uniform_bias_init(out_channels * kernel * kernel),
+                dtype=self.dtype,
                 name=f"conv_{i}",
             )(x)
             if not last:
@@ -100,8 +104,9 @@ class GlimpseGenerator(nn.Module):
                     num_groups=max(1, channels // 16),
                     epsilon=1e-5,
                     use_fast_variance=False,
+                    dtype=self.dtype,
                     name=f"norm_{i}",
                 )(x)
                 x = nn.celu(x)
                 channels //= 2
-        return nn.sigmoid(x)
+        return nn.sigmoid(x.astype(jnp.float32))

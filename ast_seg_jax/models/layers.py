@@ -132,6 +132,7 @@ class ConvTranspose(nn.Module):
       use_bias: add a bias.
       kernel_init: initialiser of the (kh, kw, in, out) kernel.
       bias_init: initialiser of the (out,) bias.
+      dtype: computation dtype (None: that of the input); parameters stay float32.
     """
 
     features: int
@@ -141,6 +142,7 @@ class ConvTranspose(nn.Module):
     use_bias: bool = True
     kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
     bias_init: Callable[..., Any] = nn.initializers.zeros_init()
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
@@ -151,9 +153,10 @@ class ConvTranspose(nn.Module):
             (*self.kernel_size, x.shape[-1], self.features),
             jnp.float32,
         )
+        dtype = self.dtype or x.dtype
         y = conv_transpose(
-            x,
-            kernel,
+            x.astype(dtype),
+            kernel.astype(dtype),
             tuple(self.strides),
             tuple(tuple(int(v) for v in p) for p in self.padding),
         )

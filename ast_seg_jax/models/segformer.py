@@ -226,8 +226,14 @@ def _drop_path(
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-def _dense(features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=name)
+def _dense(features: int, name: str, dtype: Any = jnp.float32) -> nn.Dense:
+    return nn.Dense(
+        features,
+        kernel_init=_KERNEL_INIT,
+        bias_init=_BIAS_INIT,
+        dtype=dtype,
+        name=name,
+    )
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -238,12 +244,14 @@ class OverlapPatchEmbed(nn.Module):
       patch_size: conv kernel size.
       stride: conv stride.
       eps: LayerNorm epsilon.
+      dtype: computation dtype.
     """
 
     features: int
     patch_size: int
     stride: int
     eps: float = 1e-5
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 d"]:
@@ -256,9 +264,10 @@ class OverlapPatchEmbed(nn.Module):
             padding=((pad, pad), (pad, pad)),
             kernel_init=_KERNEL_INIT,
             bias_init=_BIAS_INIT,
+            dtype=self.dtype,
             name="proj",
         )(x)
-        return nn.LayerNorm(epsilon=self.eps, name="layer_norm")(x)
+        return nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm")(x)
 
 
 class EfficientSelfAttention(nn.Module):
@@ -270,6 +279,7 @@ class EfficientSelfAttention(nn.Module):
       eps: epsilon of the reduction LayerNorm.
       attention_dropout: dropout on the attention probabilities.
       hidden_dropout: dropout after the output projection.
+      dtype: computation dtype (the attention softmax runs in float32).
     """
 
     num_heads: int
@@ -277,6 +287,7 @@ class EfficientSelfAttention(nn.Module):
     eps: float = 1e-5
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -285,7 +296,9 @@ class EfficientSelfAttention(nn.Module):
         """Attends from every position of [b, h, w, c] to the reduced map; returns [b, h, w, c]."""
         b, h, w, c = x.shape
         head_dim = c // self.num_heads
-        q = _dense(c, "query")(x).reshape(b, h * w, self.num_heads, head_dim)
+        q = _dense(c, "query", self.dtype)(x).reshape(
+            b, h * w, self.num_heads, head_dim
+        )
         kv = x
         if self.sr_ratio > 1:
             kv = nn.Conv(
@@ -295,17 +308,24 @@ class EfficientSelfAttention(nn.Module):
                 padding="VALID",
                 kernel_init=_KERNEL_INIT,
                 bias_init=_BIAS_INIT,
+                dtype=self.dtype,
                 name="sr",
             )(kv)
-            kv = nn.LayerNorm(epsilon=self.eps, name="sr_layer_norm")(kv)
+            kv = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="sr_layer_norm")(
+                kv
+            )
         num_kv = kv.shape[1] * kv.shape[2]
-        k = _dense(c, "key")(kv).reshape(b, num_kv, self.num_heads, head_dim)
-        v = _dense(c, "value")(kv).reshape(b, num_kv, self.num_heads, head_dim)
+        k = _dense(c, "key", self.dtype)(kv).reshape(
+            b, num_kv, self.num_heads, head_dim
+        )
+        v = _dense(c, "value", self.dtype)(kv).reshape(
+            b, num_kv, self.num_heads, head_dim
+        )
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) * (head_dim**-0.5)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
         probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs)
         out = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, h, w, c)
-        out = _dense(c, "output_dense")(out)
+        out = _dense(c, "output_dense", self.dtype)(out)
         return nn.Dropout(self.hidden_dropout, deterministic=not train)(out)
 
 
@@ -315,10 +335,12 @@ class MixFFN(nn.Module):
     Attributes:
       hidden_features: width of the expanded layer (mlp_ratio * c).
       hidden_dropout: dropout after the activation and after the second Dense.
+      dtype: computation dtype.
     """
 
     hidden_features: int
     hidden_dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -326,7 +348,7 @@ class MixFFN(nn.Module):
     ) -> Float[Array, "b h w c"]:
         """Maps [b, h, w, c] to [b, h, w, c]."""
         c = x.shape[-1]
-        y = _dense(self.hidden_features, "dense1")(x)
+        y = _dense(self.hidden_features, "dense1", self.dtype)(x)
         y = nn.Conv(
             self.hidden_features,
             (3, 3),
@@ -334,11 +356,12 @@ class MixFFN(nn.Module):
             feature_group_count=self.hidden_features,
             kernel_init=_KERNEL_INIT,
             bias_init=_BIAS_INIT,
+            dtype=self.dtype,
             name="dwconv",
         )(y)
         y = nn.gelu(y, approximate=False)
         y = nn.Dropout(self.hidden_dropout, deterministic=not train)(y)
-        y = _dense(c, "dense2")(y)
+        y = _dense(c, "dense2", self.dtype)(y)
         return nn.Dropout(self.hidden_dropout, deterministic=not train)(y)
 
 
@@ -353,6 +376,7 @@ class MiTBlock(nn.Module):
       eps: LayerNorm epsilon.
       attention_dropout: dropout on attention probabilities.
       hidden_dropout: dropout inside the branches.
+      dtype: computation dtype.
     """
 
     num_heads: int
@@ -362,6 +386,7 @@ class MiTBlock(nn.Module):
     eps: float = 1e-5
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -369,18 +394,21 @@ class MiTBlock(nn.Module):
     ) -> Float[Array, "b h w c"]:
         """Maps [b, h, w, c] to [b, h, w, c]."""
         c = x.shape[-1]
-        y = nn.LayerNorm(epsilon=self.eps, name="layer_norm_1")(x)
+        y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm_1")(x)
         y = EfficientSelfAttention(
             self.num_heads,
             self.sr_ratio,
             eps=self.eps,
             attention_dropout=self.attention_dropout,
             hidden_dropout=self.hidden_dropout,
+            dtype=self.dtype,
             name="attention",
         )(y, train=train)
         x = x + _drop_path(self, y, self.drop_path, train)
-        y = nn.LayerNorm(epsilon=self.eps, name="layer_norm_2")(x)
-        y = MixFFN(self.mlp_ratio * c, self.hidden_dropout, name="mlp")(y, train=train)
+        y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm_2")(x)
+        y = MixFFN(self.mlp_ratio * c, self.hidden_dropout, self.dtype, name="mlp")(
+            y, train=train
+        )
         return x + _drop_path(self, y, self.drop_path, train)
 
 
@@ -389,9 +417,11 @@ class SegformerEncoder(nn.Module):
 
     Attributes:
       config: the Segformer hyper-parameters.
+      dtype: computation dtype.
     """
 
     config: SegformerConfig
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -422,6 +452,7 @@ class SegformerEncoder(nn.Module):
                 cfg.patch_sizes[i],
                 cfg.strides[i],
                 eps=cfg.layer_norm_eps,
+                dtype=self.dtype,
                 name=f"patch_embeddings_{i}",
             )(x)
             if cfg.sr_ratios[i] > 1 and min(x.shape[1:3]) < cfg.sr_ratios[i]:
@@ -438,9 +469,12 @@ class SegformerEncoder(nn.Module):
                     eps=cfg.layer_norm_eps,
                     attention_dropout=cfg.attention_dropout,
                     hidden_dropout=cfg.hidden_dropout,
+                    dtype=self.dtype,
                     name=f"block_{i}_{j}",
                 )(x, train=train)
-            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=f"layer_norm_{i}")(x)
+            x = nn.LayerNorm(
+                epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=f"layer_norm_{i}"
+            )(x)
             features.append(x)
         return features
 
@@ -451,10 +485,12 @@ class SegformerDecodeHead(nn.Module):
     Attributes:
       config: the Segformer hyper-parameters (hidden sizes, decoder width, dropout).
       num_outputs: channels of the output map (HF ``num_labels``).
+      dtype: computation dtype (the logits are returned in float32).
     """
 
     config: SegformerConfig
     num_outputs: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -479,7 +515,7 @@ class SegformerDecodeHead(nn.Module):
         d = cfg.decoder_hidden_size
         projected = []
         for i, feature in enumerate(features):
-            y = _dense(d, f"linear_c_{i}")(feature)
+            y = _dense(d, f"linear_c_{i}", self.dtype)(feature)
             if y.shape[1:3] != (h1, w1):
                 # Bilinear, half-pixel centres: equals torch's align_corners=False when
                 # upsampling (the only direction used here).
@@ -492,24 +528,28 @@ class SegformerDecodeHead(nn.Module):
             padding="VALID",
             use_bias=False,
             kernel_init=_KERNEL_INIT,
+            dtype=self.dtype,
             name="linear_fuse",
         )(x)
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
             epsilon=1e-5,
+            dtype=self.dtype,
             name="batch_norm",
         )(x)
         x = nn.relu(x)
         x = nn.Dropout(cfg.classifier_dropout, deterministic=not train)(x)
-        return nn.Conv(
+        logits = nn.Conv(
             self.num_outputs,
             (1, 1),
             padding="VALID",
             kernel_init=_KERNEL_INIT,
             bias_init=_BIAS_INIT,
+            dtype=self.dtype,
             name="classifier",
         )(x)
+        return logits.astype(jnp.float32)
 
 
 class Segformer(nn.Module):
@@ -520,11 +560,14 @@ class Segformer(nn.Module):
       num_outputs: output channels.
       normalize_input: subtract the ImageNet mean and divide by its std before the encoder (what
         the HF image processor does). Off by default: AST feeds raw [0, 1] RGB.
+      dtype: computation dtype of every layer (parameters stay float32; LayerNorm statistics,
+        the attention softmax and the returned logits are float32).
     """
 
     config: SegformerConfig
     num_outputs: int
     normalize_input: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -540,7 +583,9 @@ class Segformer(nn.Module):
             mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
             std = jnp.asarray(IMAGENET_STD, images.dtype)
             images = (images - mean) / std
-        features = SegformerEncoder(self.config, name="encoder")(images, train=train)
-        return SegformerDecodeHead(self.config, self.num_outputs, name="decode_head")(
-            features, train=train
+        features = SegformerEncoder(self.config, self.dtype, name="encoder")(
+            images, train=train
         )
+        return SegformerDecodeHead(
+            self.config, self.num_outputs, self.dtype, name="decode_head"
+        )(features, train=train)

@@ -17,6 +17,7 @@ otherwise ``[48, 64, 96, 128, 128, 256, 256]`` (L = 6).
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -34,19 +35,36 @@ _TORCH_CONV_TRANSPOSE_INIT = nn.initializers.variance_scaling(
 )
 
 
-def unet_widths(image_hw: Sequence[int]) -> tuple[int, ...]:
-    """Channel list of the official code for an input size (5 or 6 resolution levels)."""
+def unet_widths(image_hw: Sequence[int], width: float = 1.0) -> tuple[int, ...]:
+    """Channel list for an input size (5 or 6 resolution levels).
+
+    Args:
+      image_hw: (height, width) of the input.
+      width: multiplier of every width (1.0 = the official list; smaller values, rounded and
+        at least 8, make a CPU-sized network).
+    """
+    if width <= 0:
+        raise ValueError(f"The U-Net width multiplier must be > 0, got {width}.")
     h, w = image_hw
-    return SMALL_WIDTHS if h < 200 and w < 200 else LARGE_WIDTHS
+    widths = SMALL_WIDTHS if h < 200 and w < 200 else LARGE_WIDTHS
+    if width == 1.0:
+        return widths
+    return tuple(max(8, round(c * width)) for c in widths)
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+def _batch_norm(train: bool, name: str, dtype: Any = jnp.float32) -> nn.BatchNorm:
     return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        name=name,
     )
 
 
-def _conv(features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
+def _conv(
+    features: int, kernel: int, name: str, stride: int = 1, dtype: Any = jnp.float32
+) -> nn.Conv:
     pad = 1 if kernel > 1 else 0
     return nn.Conv(
         features,
@@ -55,6 +73,7 @@ def _conv(features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
         kernel_init=_TORCH_CONV_INIT,
+        dtype=dtype,
         name=name,
     )
 
@@ -70,10 +89,12 @@ class TransposedConv(nn.Module):
     Attributes:
       features: output channels.
       output_padding: extra rows and columns at the bottom/right, (op_h, op_w), each 0 or 1.
+      dtype: computation dtype.
     """
 
     features: int
     output_padding: tuple[int, int] = (0, 0)
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
@@ -86,20 +107,27 @@ class TransposedConv(nn.Module):
             padding=((2, 2 + op_h), (2, 2 + op_w)),
             use_bias=False,
             kernel_init=_TORCH_CONV_TRANSPOSE_INIT,
+            dtype=self.dtype,
             name="conv",
         )(x)
 
 
 class ResidualUnit(nn.Module):
-    """conv3x3 (same width), BN, CELU, plus the input."""
+    """conv3x3 (same width), BN, CELU, plus the input.
+
+    Attributes:
+      dtype: computation dtype.
+    """
+
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
         self, x: Float[Array, "b h w c"], *, train: bool
     ) -> Float[Array, "b h w c"]:
         """Maps [b, h, w, c] to [b, h, w, c]."""
-        y = _conv(x.shape[-1], 3, "conv")(x)
-        y = nn.elu(_batch_norm(train, "bn")(y))
+        y = _conv(x.shape[-1], 3, "conv", dtype=self.dtype)(x)
+        y = nn.elu(_batch_norm(train, "bn", self.dtype)(y))
         return x + y
 
 
@@ -108,11 +136,16 @@ class UNet(nn.Module):
 
     Attributes:
       out_channels: channels C of the output map.
-      widths: channel list ``nch``; empty (default) chooses the official one from the input size.
+      widths: channel list ``nch``; empty (default) chooses it from the input size and `width`.
+      width: multiplier of the official widths, used when `widths` is empty.
+      dtype: computation dtype of the convolutions and norms (parameters stay float32; the
+        output is float32).
     """
 
     out_channels: int
     widths: tuple[int, ...] = ()
+    width: float = 1.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -124,33 +157,35 @@ class UNet(nn.Module):
           images: input images (AST feeds raw [0, 1] RGB).
           train: BatchNorm uses batch statistics (collection 'batch_stats' must be mutable).
         """
-        nch = self.widths or unet_widths(images.shape[1:3])
+        nch = self.widths or unet_widths(images.shape[1:3], self.width)
+        dt = self.dtype
         levels = len(nch) - 1
         if min(images.shape[1:3]) < 2**levels:
             raise ValueError(
                 f"U-Net with {levels} levels needs inputs of at least {2**levels} pixels "
                 f"per side, got {images.shape[1:3]}."
             )
-        x = _conv(nch[0], 3, "stem_conv")(images)
-        x = nn.elu(_batch_norm(train, "stem_bn")(x))
+        x = _conv(nch[0], 3, "stem_conv", dtype=dt)(images)
+        x = nn.elu(_batch_norm(train, "stem_bn", dt)(x))
         skips = [x]
         for i in range(levels):
-            x = _conv(nch[i + 1], 4, f"down_{i}_conv", stride=2)(x)
-            x = nn.elu(_batch_norm(train, f"down_{i}_bn")(x))
-            x = ResidualUnit(name=f"down_{i}_residual")(x, train=train)
+            x = _conv(nch[i + 1], 4, f"down_{i}_conv", stride=2, dtype=dt)(x)
+            x = nn.elu(_batch_norm(train, f"down_{i}_bn", dt)(x))
+            x = ResidualUnit(dt, name=f"down_{i}_residual")(x, train=train)
             skips.append(x)
-        x = _conv(nch[levels], 3, "centre_conv")(x)
-        x = nn.elu(_batch_norm(train, "centre_bn")(x))
+        x = _conv(nch[levels], 3, "centre_conv", dtype=dt)(x)
+        x = nn.elu(_batch_norm(train, "centre_bn", dt)(x))
         for i in reversed(range(levels)):
             x = jnp.concatenate([x, skips[i + 1]], axis=-1)
-            x = ResidualUnit(name=f"up_{i}_residual")(x, train=train)
+            x = ResidualUnit(dt, name=f"up_{i}_residual")(x, train=train)
             # Output padding restores the size the stride-2 conv halved with flooring.
             target_h, target_w = skips[i].shape[1:3]
             output_padding = (target_h - 2 * x.shape[1], target_w - 2 * x.shape[2])
-            x = TransposedConv(nch[i], output_padding, name=f"up_{i}_conv")(x)
-            x = nn.elu(_batch_norm(train, f"up_{i}_bn")(x))
+            x = TransposedConv(nch[i], output_padding, dt, name=f"up_{i}_conv")(x)
+            x = nn.elu(_batch_norm(train, f"up_{i}_bn", dt)(x))
         x = jnp.concatenate([x, skips[0]], axis=-1)
-        x = _conv(self.out_channels, 3, "out_conv")(x)
-        x = nn.elu(_batch_norm(train, "out_bn")(x))
-        x = x + _conv(self.out_channels, 3, "refine_conv")(x)
-        return _conv(self.out_channels, 1, "final_conv")(x)
+        x = _conv(self.out_channels, 3, "out_conv", dtype=dt)(x)
+        x = nn.elu(_batch_norm(train, "out_bn", dt)(x))
+        x = x + _conv(self.out_channels, 3, "refine_conv", dtype=dt)(x)
+        x = _conv(self.out_channels, 1, "final_conv", dtype=dt)(x)
+        return x.astype(jnp.float32)

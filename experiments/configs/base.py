@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.clean_latent_layout = False
     config.model.feature_generator = "segformer"  # segformer | unet
     config.model.segformer_variant = "b3"  # b0 .. b5
+    # Multiplier of the U-Net's channel widths; 1.0 is the official network (< 1 is a CPU-sized deviation).
+    config.model.unet_width = 1.0
     # Local Hugging Face checkpoint dir (config.json + model.safetensors) for the MiT encoder, e.g. a
     # saved copy of nvidia/mit-b3. '' trains the encoder from random initialisation.
     config.model.pretrained_encoder = ""
@@ -65,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Multiplier of the AE-NE hidden widths; 1.0 is the official network (< 1 is a CPU-sized deviation).
     config.model.background_width = 1.0
     config.model.glimpse_size = 0  # 0: 32 for images <= 64, 64 for <= 128, 128 above.
+    # Computation dtype of the feature generator, glimpse generator and background networks:
+    # float32 (official), or bfloat16 for mixed precision (parameters, optimiser, transformer,
+    # soft-argmax, compositing and losses stay float32). See the README's benchmark section.
+    config.model.compute_dtype = "float32"
 
     # ---- Curriculum (see ast_seg_jax/curriculum.py) ----
     # curriculum: (1) pretrain background, (2) foreground on the frozen background, (3) fine-tune both.
