@@ -629,6 +629,40 @@ def precompute_backgrounds(config, workdir: str, mesh: Mesh, background_model, p
 # Phases 2 and 3.
 
 
+def scale_attention_init(params, num_slots: int, factor: float):
+    """Multiplies the initial weights of the K attention-logit output channels by `factor`.
+
+    The feature generator's last layer (the Segformer head's classifier or the U-Net's final 1x1
+    convolution) makes K attention logit maps and then the feature map; only its first K output
+    channels are scaled. A randomly initialised encoder gives nearly flat attention (each softmax
+    close to uniform, so every slot pools about the same features whatever the image); larger
+    initial logits make the initial attention peaked and image-dependent. The factor is
+    `config.model.attention_init_scale`, 1.0 (the official initialisation) by default.
+    """
+    if factor == 1.0:
+        return params
+    generator = dict(params["feature_generator"])
+    if "decode_head" in generator:
+        head = dict(generator["decode_head"])
+        head["classifier"] = _scale_out_channels(head["classifier"], num_slots, factor)
+        generator["decode_head"] = head
+    else:
+        generator["final_conv"] = _scale_out_channels(
+            generator["final_conv"], num_slots, factor
+        )
+    return {**params, "feature_generator": generator}
+
+
+def _scale_out_channels(layer, num_slots: int, factor: float):
+    layer = dict(layer)
+    channels = layer["kernel"].shape[-1]
+    factors = jnp.ones(channels, jnp.float32).at[:num_slots].set(factor)
+    for name in ("kernel", "bias"):
+        if name in layer:
+            layer[name] = jnp.asarray(layer[name]) * factors
+    return layer
+
+
 def create_foreground_state(config, model, background_params, rng):
     """Initial phase-2/3 state: fresh foreground, pretrained (or fresh) background, optional MiT encoder."""
     variables = init_variables(model, tuple(config.data.image_size), rng, train=False)
@@ -641,6 +675,9 @@ def create_foreground_state(config, model, background_params, rng):
                 "config.model.pretrained_encoder needs config.model.feature_generator='segformer'."
             )
         params = load_pretrained_encoder(params, config.model.pretrained_encoder)
+    params = scale_attention_init(
+        params, config.model.num_slots, config.model.get("attention_init_scale", 1.0)
+    )
     tx = optim.foreground_optimizer(config)
     return train_state.create(
         params, variables.get("batch_stats", {}), tx, jax.random.fold_in(rng, 1)

@@ -260,3 +260,34 @@ def test_stop_request_turns_a_signal_into_a_stop_after_the_step(signum):
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("generator", ["segformer", "unet"])
+def test_scale_attention_init_scales_only_the_attention_channels(generator):
+    k, c = 3, 7
+    kernel = np.arange(2 * c, dtype=np.float32).reshape(1, 1, 2, c) + 1
+    if generator == "segformer":
+        last = {"kernel": kernel.copy(), "bias": np.ones(c, np.float32)}
+        tree = {
+            "decode_head": {"classifier": last, "batch_norm": {"scale": np.ones(4)}}
+        }
+    else:
+        last = {"kernel": kernel.copy()}
+        tree = {"final_conv": last, "stem_conv": {"kernel": np.ones((3, 3, 3, 4))}}
+    params = {"feature_generator": tree, "background_logit": np.float32(11.0)}
+    assert trainer.scale_attention_init(params, k, 1.0) is params
+
+    scaled = trainer.scale_attention_init(params, k, 20.0)["feature_generator"]
+    after = (
+        scaled["decode_head"]["classifier"]
+        if generator == "segformer"
+        else scaled["final_conv"]
+    )
+    np.testing.assert_array_equal(after["kernel"][..., :k], 20 * kernel[..., :k])
+    np.testing.assert_array_equal(after["kernel"][..., k:], kernel[..., k:])
+    if generator == "segformer":
+        np.testing.assert_array_equal(after["bias"], [20.0] * k + [1.0] * (c - k))
+        np.testing.assert_array_equal(scaled["decode_head"]["batch_norm"]["scale"], 1)
+    else:
+        np.testing.assert_array_equal(scaled["stem_conv"]["kernel"], 1)
+    np.testing.assert_array_equal(last["kernel"], kernel)  # The input is not modified.

@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.min_scale = 1.3
     config.model.max_scale = 24.0  # Inverse scale of the smallest object.
     config.model.background_logit_init = 11.0  # log(alpha_0) at initialisation.
+    # Multiplies the initial weights of the K attention-logit channels of the feature generator's last
+    # layer (1.0: official). > 1 gives peaked, image-dependent attention at the start of a random-init run.
+    config.model.attention_init_scale = 1.0
     config.model.background_complexity = True  # Wider AE-NE channel schedule.
     # Multiplier of the AE-NE hidden widths; 1.0 is the official network (< 1 is a CPU-sized deviation).
     config.model.background_width = 1.0
