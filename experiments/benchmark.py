@@ -126,8 +126,9 @@ _PRECISION = flags.DEFINE_enum(
     "precision",
     "auto",
     PRECISIONS,
-    "Which peak of the table to compare with; auto = tf32 on GPU (JAX's default float32 matmul) "
-    "unless jax_default_matmul_precision is 'highest'/'float32', then fp32.",
+    "Which peak of the table to compare with; auto = bf16 on GPU when config.model.compute_dtype is "
+    "bfloat16, else tf32 on GPU (JAX's default float32 matmul) unless jax_default_matmul_precision "
+    "is 'highest'/'float32', then fp32.",
 )
 _INIT = flags.DEFINE_enum(
     "init",
@@ -149,20 +150,29 @@ _SWEEP_VALUES = flags.DEFINE_list(
 # Device facts.
 
 
-def peak_tflops(device, precision: str = "auto", override: float = 0.0):
+def peak_tflops(
+    device,
+    precision: str = "auto",
+    override: float = 0.0,
+    compute_dtype: str = "float32",
+):
     """(peak TFLOP/s or None, precision name) of `device` for `precision`.
 
     Args:
       device: a jax Device.
       precision: one of PRECISIONS.
       override: a positive value is returned as the peak whatever the device.
+      compute_dtype: the config's `model.compute_dtype`; with 'bfloat16', auto picks the bf16 peak
+        on a GPU.
     """
     import jax
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}.")
     if precision == "auto":
-        if device.platform == "gpu":
+        if device.platform == "gpu" and compute_dtype == "bfloat16":
+            precision = "bf16"
+        elif device.platform == "gpu":
             setting = str(jax.config.jax_default_matmul_precision or "").lower()
             precision = "fp32" if setting in ("highest", "float32") else "tf32"
         else:
@@ -452,11 +462,13 @@ def measure(
         times.append((time.perf_counter() - start) / steps_per_repeat)
 
     seconds = statistics.median(times)
-    peak, precision_used = peak_tflops(device, precision, peak_override)
+    compute_dtype = config.model.get("compute_dtype", "float32")
+    peak, precision_used = peak_tflops(device, precision, peak_override, compute_dtype)
     achieved = flops / seconds / 1e12 if flops else None
     result = {
         "phase": phase,
         "batch_size": batch_size,
+        "compute_dtype": compute_dtype,
         "image_size": list(config.data.image_size),
         "num_slots": int(config.model.num_slots),
         "segformer_variant": config.model.segformer_variant,
@@ -550,6 +562,7 @@ def format_table(results: list, sweep_key: str | None = None) -> str:
         ("batch", lambda r: str(r["batch_size"])),
         ("image", lambda r: "x".join(map(str, r["image_size"]))),
         ("K", lambda r: str(r["num_slots"])),
+        ("dtype", lambda r: r.get("compute_dtype", "float32")),
         ("s/step", lambda r: _fmt(r["seconds_per_step"], digits=4)),
         ("steps/s", lambda r: _fmt(r["steps_per_second"])),
         ("img/s", lambda r: _fmt(r["images_per_second"])),

@@ -96,6 +96,10 @@ def test_peak_table():
 
     assert benchmark.peak_tflops(FakeDevice(), "bf16") == (989.0, "bf16")
     assert benchmark.peak_tflops(FakeDevice(), "fp32") == (67.0, "fp32")
+    assert benchmark.peak_tflops(FakeDevice(), "auto", compute_dtype="bfloat16") == (
+        989.0,
+        "bf16",
+    )
     FakeDevice.platform, FakeDevice.device_kind = "cpu", "cpu"
     assert benchmark.peak_tflops(FakeDevice(), "auto") == (None, "fp32")
     assert benchmark.peak_tflops(FakeDevice(), "auto", override=2.5) == (2.5, "fp32")
