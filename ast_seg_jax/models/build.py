@@ -6,9 +6,10 @@ num_slots, z_what_dim, isotropic, clean_latent_layout, feature_generator ('segfo
 'unet'), segformer_variant ('b0'..'b5'), pretrained_encoder (checkpoint directory or ''),
 normalize_input, use_transformer, transformer_layers, transformer_dim, transformer_heads,
 transformer_mlp_dim, transformer_dropout, min_scale, max_scale, background_logit_init,
-background_complexity, background_width, glimpse_size (0 = from the image size),
-and the optional unet_width (1.0 when absent) and compute_dtype ('float32' when absent, so that configs saved before it existed
-still build; 'bfloat16' runs the convolutional networks in mixed precision).
+background_complexity, background_width, glimpse_size (0 = from the image size). Two keys are
+optional, so that configs saved before they existed still build: unet_width (1.0 when absent)
+and compute_dtype ('float32' when absent; 'bfloat16' runs the convolutional networks in mixed
+precision).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
