@@ -244,6 +244,37 @@ def test_without_transformer():
     assert out.weights.shape == (B, K + 1, *HW)
 
 
+def test_residual_transformer_corrects_everything_but_the_positions():
+    model, variables, out, inter = _eval(transformer_residual=True)
+    params = variables["params"]
+    assert params["readout"]["kernel"].shape == (16, Z + 5)
+    plain = tiny_ast(use_transformer=False)
+    plain_params = {
+        k: v for k, v in params.items() if k not in ("embed", "transformer", "readout")
+    }
+    apply = jax.jit(lambda m, v: m.apply(v, _images(), train=False), static_argnums=0)
+    want = apply(plain, {**variables, "params": plain_params})
+    # A non-zero read-out moves scale, activation and appearance but never the positions.
+    np.testing.assert_array_equal(np.asarray(out.xy), np.asarray(want.xy))
+    np.testing.assert_allclose(
+        np.asarray(out.xy), np.asarray(inter["xy_pooled"][0]), atol=1e-6
+    )
+    assert np.abs(np.asarray(out.activation_logit - want.activation_logit)).max() > 1e-3
+    assert np.abs(np.asarray(out.z_what - want.z_what)).max() > 1e-3
+    # With the read-out at its initial value (zero) the model is the no-transformer model.
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params["readout"])
+    got = apply(model, {**variables, "params": {**params, "readout": zero}})
+    for name in ("xy", "scale", "activation_logit", "z_what", "reconstruction"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), atol=1e-6
+        )
+    init = jax.jit(lambda key: model.init(key, _images(), train=False))(
+        jax.random.key(0, impl="unsafe_rbg")
+    )
+    for leaf in jax.tree_util.tree_leaves(init["params"]["readout"]):
+        assert not np.asarray(leaf).any()
+
+
 def test_isotropic_official_layout_aliases_activation_and_z_what():
     _, variables, out, _ = _eval(isotropic=True)
     assert variables["params"]["readout"]["kernel"].shape == (16, Z + 4)
@@ -436,3 +467,10 @@ def test_build_model_compute_dtype():
     assert model.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="compute_dtype"):
         build_model(_model_config(compute_dtype="float16"), (64, 64))
+
+
+def test_build_model_transformer_residual_is_optional():
+    # Configs saved before the key existed build the official read-out.
+    assert not build_model(_model_config(), (64, 64)).transformer_residual
+    model = build_model(_model_config(transformer_residual=True), (64, 64))
+    assert model.transformer_residual

@@ -10,7 +10,10 @@ Forward pass (ast_model.md section 0):
    ``D = Z + 3 + sd``.
 3. Dense(D -> dim), a post-norm transformer encoder across the K tokens of an image,
    Dense(dim -> D) (no skip connection around them, as in the official code). With
-   ``use_transformer=False`` (paper ablation) the pooled tokens are decoded directly.
+   ``use_transformer=False`` (paper ablation) the pooled tokens are decoded directly. With
+   ``transformer_residual=True`` (not in the official code) the read-out, initialised to zero,
+   is added to the pooled tokens except at the two position entries: the positions stay the
+   soft-argmax points and the transformer corrects scale, activation and appearance.
 4. Latent decoding of each D-vector v: xy = clip(v[0:2], -1, 1); inverse scale
    s = min_scale + (max_scale - min_scale) * sigmoid(v[2:2+sd]) (broadcast to (s, s) when
    isotropic); activation logit = v[4] (official layout) or v[2+sd] (clean layout);
@@ -44,7 +47,8 @@ the full parameter tree.
 
 Deviations from the official code: the transformer layers are initialised independently
 (PyTorch deep-copies one layer, so its layers start identical); ``use_transformer=False``
-(paper ablation, not a code option there) decodes the pooled tokens directly; the
+(paper ablation, not a code option there) decodes the pooled tokens directly;
+``transformer_residual=True`` (off by default) is the residual read-out of step 3; the
 natural-video option ``variable_background_activation`` (a learned per-pixel background
 logit map) is not implemented. Everything else follows ast_model.md sections 0-3.
 """
@@ -84,6 +88,8 @@ class AST(nn.Module):
       segformer_config: architecture of the Segformer (default: MiT-B3 preset).
       normalize_input: ImageNet mean/std normalisation before the Segformer (official: off).
       use_transformer: embed + transformer + readout between pooling and decoding.
+      transformer_residual: the read-out (kernel and bias initialised to zero) is added to the
+        pooled tokens, positions excepted, instead of replacing them (not official; step 3).
       transformer_layers, transformer_dim, transformer_heads, transformer_mlp_dim,
         transformer_dropout: transformer encoder hyper-parameters.
       min_scale, max_scale: range of the inverse scales s (object half-extent 1/s).
@@ -107,6 +113,7 @@ class AST(nn.Module):
     segformer_config: SegformerConfig | None = None
     normalize_input: bool = False
     use_transformer: bool = True
+    transformer_residual: bool = False
     transformer_layers: int = 6
     transformer_dim: int = 256
     transformer_heads: int = 8
@@ -213,6 +220,7 @@ class AST(nn.Module):
 
         # 3. Transformer refinement (no skip connection around it, as in the official code).
         if self.use_transformer:
+            tokens = v
             v = torch_dense(self.transformer_dim, self.latent_dim, name="embed")(v)
             v = TransformerEncoder(
                 num_layers=self.transformer_layers,
@@ -222,7 +230,15 @@ class AST(nn.Module):
                 dropout=self.transformer_dropout,
                 name="transformer",
             )(v, train=train)  # [b, k, dim]
-            v = torch_dense(self.latent_dim, self.transformer_dim, name="readout")(v)
+            d, dim = self.latent_dim, self.transformer_dim
+            if not self.transformer_residual:
+                v = torch_dense(d, dim, name="readout")(v)
+            else:
+                zero = nn.initializers.zeros
+                correction = nn.Dense(d, kernel_init=zero, name="readout")(v)
+                # Positions stay the soft-argmax points: a correction there could carry every
+                # slot off the canvas, where the clamp's gradient is zero.
+                v = tokens + correction.at[..., :2].set(0.0)
 
         # 4-5. Latent decoding, glimpses, placement on the canvas.
         xy, scale, activation_logit, z_what = decode_latents(

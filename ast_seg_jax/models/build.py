@@ -6,10 +6,10 @@ num_slots, z_what_dim, isotropic, clean_latent_layout, feature_generator ('segfo
 'unet'), segformer_variant ('b0'..'b5'), pretrained_encoder (checkpoint directory or ''),
 normalize_input, use_transformer, transformer_layers, transformer_dim, transformer_heads,
 transformer_mlp_dim, transformer_dropout, min_scale, max_scale, background_logit_init,
-background_complexity, background_width, glimpse_size (0 = from the image size). Two keys are
-optional, so that configs saved before they existed still build: unet_width (1.0 when absent)
-and compute_dtype ('float32' when absent; 'bfloat16' runs the convolutional networks in mixed
-precision).
+background_complexity, background_width, glimpse_size (0 = from the image size). Three keys
+are optional, so that configs saved before they existed still build: unet_width (1.0 when
+absent), compute_dtype ('float32' when absent; 'bfloat16' runs the convolutional networks in
+mixed precision) and transformer_residual (False when absent).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
@@ -165,6 +165,7 @@ def build_model(
         segformer_config=segformer_config,
         normalize_input=bool(m.normalize_input),
         use_transformer=bool(m.use_transformer),
+        transformer_residual=bool(m.get("transformer_residual", False)),
         transformer_layers=int(m.transformer_layers),
         transformer_dim=int(m.transformer_dim),
         transformer_heads=int(m.transformer_heads),

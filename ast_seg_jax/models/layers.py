@@ -1,4 +1,4 @@
-"""A transposed convolution that XLA's CPU backend trains several times faster (used by the background model).
+"""A transposed convolution that XLA's CPU backend trains faster (background model and U-Net).
 
 `ConvTranspose` computes exactly what ``flax.linen.ConvTranspose`` computes with explicit padding
 (and ``transpose_kernel=False``), with the same parameters (``kernel`` of shape

@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.normalize_input = False
     # False: pooled latents go straight to the renderer (ablation).
     config.model.use_transformer = True
+    # True (not official): the transformer's read-out starts at zero and is added to the pooled
+    # tokens, and the positions stay the soft-argmax points; False: the official read-out replaces them.
+    config.model.transformer_residual = False
     config.model.transformer_layers = 6
     config.model.transformer_dim = 256
     config.model.transformer_heads = 8
