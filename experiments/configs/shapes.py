@@ -37,6 +37,10 @@ from the paper's settings, and why:
   cores. Phase 3 is the last 20 % (the paper: 76 %): the longer phase 3 of earlier runs let the background
   network paint faint object-coloured blobs. Learning-rate warm-up 80 steps, entropy warm-up 160 steps, decay
   x0.1 at 90 % as in the paper.
+- Adam keeps its moments at the switch to phase 3 (`reset_optimizer_at_phase3=False`; the official code
+  rebuilds it). A rebuilt Adam's first update moves every parameter by about the learning rate; in our run
+  with the rebuild, one slot then moved onto another slot's object within 240 steps (ARI-FG 64.3 -> 55.4,
+  mIoU 40.2 -> 27.9), while the same run without it ended at ARI-FG 58.9, mIoU 43.6.
 - Batch 16 instead of 64, learning rate 10x the paper's (4e-4) to make up for the few steps.
 - Phase 2 runs the frozen background network live instead of precomputing it: for short runs with this small
   background that is cheaper than a pass over all training images.
@@ -80,6 +84,7 @@ def get_config(arg: str = ""):
     config.batch_size = 16
     config.learning_rate = 4e-4
     config.warmup_steps = 80
+    config.reset_optimizer_at_phase3 = False
     config.pixel_entropy_warmup_steps = 160
 
     config.log_loss_every_steps = 50
