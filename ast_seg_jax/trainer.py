@@ -761,6 +761,8 @@ def _foreground_loop(
         if curriculum.should_reset_optimizer(step, config):
             say("Step %d: phase 3 starts; Adam restarts over all parameters.", step)
             state = state.replace(opt_state=replicate(tx.init(state.params), mesh))
+        elif step > 0 and phase != curriculum.phase_of(step - 1, config):
+            say("Step %d: phase 3 starts; Adam keeps its moments.", step)
         batch = next(batches)
         done = step + 1
         ids.record(done, batch[INDEX])

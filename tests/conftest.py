@@ -53,6 +53,8 @@ SMOKE_OVERRIDES = {
     "data.config": "tiny",
     "model.background_width": 0.125,
     "log_images_every_steps": 0,
+    # The official Adam rebuild at phase 3 (the shapes config turns it off; the smoke run checks it).
+    "reset_optimizer_at_phase3": True,
 }
 
 
