@@ -218,7 +218,7 @@ class AST(nn.Module):
             self.sow("intermediates", "xy_pooled", xy_pooled)
         v = jnp.concatenate([xy_pooled, pooled], axis=-1)  # [b, k, D]
 
-        # 3. Transformer refinement (no skip connection around it, as in the official code).
+        # 3. Transformer refinement (no skip around it as in the official code, unless residual).
         if self.use_transformer:
             tokens = v
             v = torch_dense(self.transformer_dim, self.latent_dim, name="embed")(v)
