@@ -49,13 +49,16 @@ def phase_of(step: int, config: ml_collections.ConfigDict) -> int:
     return PHASE_FOREGROUND if step < config.freeze_background_steps else PHASE_JOINT
 
 
-def should_reset_optimizer(step: int, config: ml_collections.ConfigDict) -> bool:
-    """True right before the first phase-3 step of a curriculum run (the official Adam rebuild)."""
+def starts_phase3(step: int, config: ml_collections.ConfigDict) -> bool:
+    """True right before the first phase-3 step of a curriculum run."""
     return (
-        config.scenario == "curriculum"
-        and config.reset_optimizer_at_phase3
-        and 0 < config.freeze_background_steps == step
+        config.scenario == "curriculum" and 0 < config.freeze_background_steps == step
     )
+
+
+def should_reset_optimizer(step: int, config: ml_collections.ConfigDict) -> bool:
+    """True where phase 3 starts and the config keeps the official Adam rebuild."""
+    return starts_phase3(step, config) and bool(config.reset_optimizer_at_phase3)
 
 
 def foreground_learning_rate(step, config: ml_collections.ConfigDict):

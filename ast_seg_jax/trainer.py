@@ -761,7 +761,7 @@ def _foreground_loop(
         if curriculum.should_reset_optimizer(step, config):
             say("Step %d: phase 3 starts; Adam restarts over all parameters.", step)
             state = state.replace(opt_state=replicate(tx.init(state.params), mesh))
-        elif step > 0 and phase != curriculum.phase_of(step - 1, config):
+        elif curriculum.starts_phase3(step, config):
             say("Step %d: phase 3 starts; Adam keeps its moments.", step)
         batch = next(batches)
         done = step + 1

@@ -93,3 +93,12 @@ def test_background_loss_beta_ramp():
     config.background.robust_warmup_steps = 100
     got = [float(curriculum.background_loss_beta(s, config)) for s in (0, 50, 100, 500)]
     np.testing.assert_allclose(got, [0.0, 3.0, 6.0, 6.0])
+
+
+def test_phase3_starts_once_with_or_without_the_adam_rebuild():
+    config = _config(freeze_background_steps=30)
+    assert [s for s in range(100) if curriculum.starts_phase3(s, config)] == [30]
+    config.reset_optimizer_at_phase3 = False
+    assert curriculum.starts_phase3(30, config)
+    assert not curriculum.should_reset_optimizer(30, config)
+    assert not curriculum.starts_phase3(30, _config(scenario="baseline"))
