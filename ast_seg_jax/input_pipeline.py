@@ -23,6 +23,8 @@ TensorFlow is hidden from every GPU as soon as this module is imported. Multi-ho
 examples [p*N/P, (p+1)*N/P) of a split (TFDS sub-split, so only its own files are read).
 """
 
+import os
+
 import jax
 import numpy as np
 import tensorflow as tf
@@ -283,6 +285,33 @@ def create_eval_iterator(
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options()).as_numpy_iterator()
+
+
+def export_images(data_config, directory: str, *, split: str, num: int) -> list[str]:
+    """Writes the first `num` images of a split as PNG files SPLIT_INDEX.png; returns their paths.
+
+    Meant for trying `experiments.segment` on a prepared dataset's own images. Fewer files are written when
+    the split is smaller than `num`.
+    """
+    from PIL import Image
+
+    if num <= 0:
+        raise ValueError(f"The number of images to export must be positive, got {num}.")
+    num = min(num, num_examples(data_config, split))
+    os.makedirs(directory, exist_ok=True)
+    paths: list[str] = []
+    batches = create_eval_iterator(
+        data_config, split=split, global_batch_size=min(num, 64) * jax.process_count()
+    )
+    for batch in batches:
+        for image, index, valid in zip(batch[IMAGE], batch[INDEX], batch[VALID]):
+            if valid and len(paths) < num:
+                path = os.path.join(directory, f"{split}_{int(index):05d}.png")
+                Image.fromarray(np.round(image * 255.0).astype(np.uint8)).save(path)
+                paths.append(path)
+        if len(paths) == num:
+            break
+    return paths
 
 
 def to_global_arrays(

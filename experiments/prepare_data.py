@@ -4,13 +4,17 @@ Usage:
     python -m experiments.prepare_data --dataset=shapes/default
     python -m experiments.prepare_data --dataset=clevrtex/full --manual_dir=~/downloads/clevrtex
     python -m experiments.prepare_data --dataset=objects_room --manual_dir=DIR --data_dir=~/tfds
+    python -m experiments.prepare_data --dataset=shapes/default --export_images=shapes_test --num_images=8
 
 NAME is one of shapes, clevrtex, clevr, objects_room, shapestacks; CONFIG is the builder config (shapes:
 default / default_128 / textured / textured_128 / tiny; clevrtex: full / outd / camo). TFDS shows a progress
 bar per split. The result can be read with `tfds.builder_from_directory(DATA_DIR/<builder>/<config>/1.0.0)`.
+With --export_images=DIR it also writes the first --num_images images of --split as PNG files into DIR, for
+trying `experiments.segment` on them.
 """
 
 import os
+import sys
 
 from absl import app, flags
 
@@ -23,10 +27,18 @@ _MANUAL_DIR = flags.DEFINE_string(
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)."
 )
+_EXPORT_IMAGES = flags.DEFINE_string(
+    "export_images",
+    "",
+    "Also write the first --num_images images of --split as PNGs here.",
+)
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Number of images to export.")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to export images from.")
 
 
 def main(argv):
     del argv  # Unused.
+    import ml_collections
     import tensorflow_datasets as tfds
 
     from ast_seg_jax import input_pipeline
@@ -44,6 +56,25 @@ def main(argv):
     print(
         f"Prepared {builder.name}/{builder.builder_config.name} in {builder.data_dir}"
     )
+    if _EXPORT_IMAGES.value:
+        data_config = ml_collections.ConfigDict(
+            {
+                "name": name,
+                "config": config,
+                "data_dir": os.path.expanduser(_DATA_DIR.value),
+            }
+        )
+        try:
+            paths = input_pipeline.export_images(
+                data_config,
+                os.path.expanduser(_EXPORT_IMAGES.value),
+                split=_SPLIT.value,
+                num=_NUM_IMAGES.value,
+            )
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        print(f"Wrote {len(paths)} {_SPLIT.value} images to {_EXPORT_IMAGES.value}")
 
 
 if __name__ == "__main__":

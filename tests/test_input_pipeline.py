@@ -76,6 +76,35 @@ def test_eval_covers_each_example_once(shapes_config):
     assert np.all(index[~valid] == -1) and batches[-1]["image"][-1].max() == 0
 
 
+def test_export_images_writes_the_split_as_pngs(shapes_config, tmp_path):
+    paths = input_pipeline.export_images(
+        shapes_config, str(tmp_path / "out"), split="test", num=5
+    )
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [
+        f"test_{i:05d}.png" for i in range(5)
+    ]
+    first = next(
+        input_pipeline.create_eval_iterator(
+            shapes_config, split="test", global_batch_size=8
+        )
+    )
+    for i, path in enumerate(paths):
+        written = np.asarray(Image.open(path))
+        assert written.dtype == np.uint8 and written.shape == (64, 64, 3)
+        np.testing.assert_allclose(written / 255.0, first["image"][i], atol=1e-6)
+    # More than the split holds: all 64 test images, no padding.
+    assert (
+        len(
+            input_pipeline.export_images(
+                shapes_config, str(tmp_path / "all"), split="test", num=100
+            )
+        )
+        == 64
+    )
+    with pytest.raises(ValueError, match="positive"):
+        input_pipeline.export_images(shapes_config, str(tmp_path), split="test", num=0)
+
+
 def test_to_global_arrays(shapes_config):
     batch = next(
         input_pipeline.create_train_iterator(shapes_config, global_batch_size=4, seed=0)
