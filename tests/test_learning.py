@@ -67,5 +67,6 @@ def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
     config.num_eval_images = 256
     config.log_images_every_steps = 0
     results = trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
-    # All background (or one blob) scores 0.27 on average; the full command reaches about 0.58.
+    # All background (or one blob) scores 0.27 on average; the full command reaches 0.51-0.59 (seeds 0-2).
+    # Measured at 150 + 600 steps: 0.496 (22 min on 2 cores), so this fails until the main job improves.
     assert results["ari_fg"] > 0.5, results
