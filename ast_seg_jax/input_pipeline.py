@@ -293,12 +293,11 @@ def export_images(data_config, directory: str, *, split: str, num: int) -> list[
     Meant for trying `experiments.segment` on a prepared dataset's own images. Fewer files are written when
     the split is smaller than `num`.
     """
-    from PIL import Image
+    from ast_seg_jax import visualize
 
     if num <= 0:
         raise ValueError(f"The number of images to export must be positive, got {num}.")
     num = min(num, num_examples(data_config, split))
-    os.makedirs(directory, exist_ok=True)
     paths: list[str] = []
     batches = create_eval_iterator(
         data_config, split=split, global_batch_size=min(num, 64) * jax.process_count()
@@ -307,7 +306,7 @@ def export_images(data_config, directory: str, *, split: str, num: int) -> list[
         for image, index, valid in zip(batch[IMAGE], batch[INDEX], batch[VALID]):
             if valid and len(paths) < num:
                 path = os.path.join(directory, f"{split}_{int(index):05d}.png")
-                Image.fromarray(np.round(image * 255.0).astype(np.uint8)).save(path)
+                visualize.save_png(path, image)
                 paths.append(path)
         if len(paths) == num:
             break
