@@ -93,7 +93,8 @@ def test_segment_cli(trained_workdir, tmp_path):
         "activation_logit",
     } <= set(objects[0])
     latents = np.load(out / "a_latents.npz")
-    assert latents["z_what"].shape == (4, 32) and latents["xy"].shape == (4, 2)
+    z_what_dim = checkpointing.read_config(workdir).model.z_what_dim
+    assert latents["z_what"].shape == (4, z_what_dim) and latents["xy"].shape == (4, 2)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
