@@ -149,14 +149,18 @@ def compilation_cache_dir(tmp_path_factory):
         yield path
 
 
-def subprocess_env(cache_dir: str | None = None, devices: int = 4) -> dict:
+def subprocess_env(
+    cache_dir: str | None = None, devices: int = 4, fast_compile: bool = True
+) -> dict:
     """The environment of a JAX subprocess: this session's XLA flags with `devices` host devices,
     highest matmul precision (as set in-process above) and, given `cache_dir`, the shared persistent
-    compilation cache."""
+    compilation cache. `fast_compile=False` drops FAST_COMPILE_XLA_FLAGS, for runs long enough that
+    XLA's optimisation pays for itself."""
+    dropped = {"--xla_force_host_platform_device_count"}
+    if not fast_compile:
+        dropped.update(f.split("=")[0] for f in FAST_COMPILE_XLA_FLAGS)
     flags = [
-        f
-        for f in os.environ["XLA_FLAGS"].split()
-        if "host_platform_device_count" not in f
+        f for f in os.environ["XLA_FLAGS"].split() if f.split("=")[0] not in dropped
     ]
     env = dict(os.environ)
     env.update(

@@ -7,14 +7,13 @@ scenes, 0.27 on average over the test split).
 
 import functools
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE_XLA_FLAGS, REPO, tiny_config
+from conftest import REPO, subprocess_env, tiny_config
 
 from ast_seg_jax import curriculum, trainer
 from ast_seg_jax.models.build import build_background_model, build_model
@@ -62,17 +61,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
 def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
     # The README's command with shorter phases, in a subprocess with XLA's default optimisation and one
     # device: under this session's fast-compile flags (conftest.py) each step runs about 5x slower.
-    session = {f.split("=")[0] for f in FAST_COMPILE_XLA_FLAGS}
-    session.add("--xla_force_host_platform_device_count")
-    flags = [
-        f
-        for f in os.environ.get("XLA_FLAGS", "").split()
-        if f.split("=")[0] not in session
-    ]
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p
-    )
+    env = subprocess_env(devices=1, fast_compile=False)
     workdir = tmp_path / "workdir"
     command = [
         sys.executable,
