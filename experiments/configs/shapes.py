@@ -42,8 +42,9 @@ from the paper's settings, and why:
   x0.1 at 90 % as in the paper.
 - Adam keeps its moments at the switch to phase 3 (`reset_optimizer_at_phase3=False`; the official code
   rebuilds it). A rebuilt Adam's first update moves every parameter by about the learning rate; in a run of
-  the earlier batch-16 settings with the rebuild, one slot then moved onto another slot's object within 240 steps (ARI-FG 64.3 -> 55.4,
-  mIoU 40.2 -> 27.9), while the same run without it ended at ARI-FG 58.9, mIoU 43.6.
+  the earlier batch-16 settings with the rebuild, one slot then moved onto another slot's object within 240
+  steps (ARI-FG 64.3 -> 55.4, mIoU 40.2 -> 27.9), while the same run without it ended at ARI-FG 58.9, mIoU
+  43.6.
 - Batch 8 instead of 64, learning rate 10x the paper's (4e-4) to make up for the few steps. In about the same
   wall time, these settings (4000 steps of 8 images, 16 appearance values) reached ARI-FG 64.6 against 56.9
   for 1850 steps of 16 images with 32 appearance values (U-Net x0.125 in both, seed 0).
