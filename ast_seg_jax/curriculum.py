@@ -112,3 +112,12 @@ def pixel_entropy_weight(step, config: ml_collections.ConfigDict):
     return config.pixel_entropy_weight * quadratic_warmup(
         t, max(config.pixel_entropy_warmup_steps, 1)
     )
+
+
+def object_entropy_weight(step, config: ml_collections.ConfigDict):
+    """The object-entropy weight times min(1, t / N_obj)^2 (0 when the config has no such loss)."""
+    weight = config.get("object_entropy_weight", 0.0)
+    if not weight:
+        return jnp.zeros((), jnp.float32)
+    t = jnp.asarray(step, jnp.float32)
+    return weight * quadratic_warmup(t, max(config.object_entropy_warmup_steps, 1))

@@ -66,6 +66,27 @@ def pixel_entropy_loss(weights: Float[Array, "b k1 h w"]) -> Float[Array, " b"]:
     return jnp.mean(jnp.square(neg_entropy), axis=(1, 2))
 
 
+def object_entropy_loss(weights: Float[Array, "b k1 h w"]) -> Float[Array, " b"]:
+    """Squared entropy of each image's mean layer weights (the official code's first version).
+
+    ``q_k = mean_{i,j} w_{k,ij}`` (k = 0..K, background included) and
+    ``L_obj = ( sum_k q_k log(q_k + 1e-20) )^2`` per example. It is lower when fewer layers
+    share the image, so it favours one slot per object and spare slots that draw nothing.
+
+    Args:
+      weights: [b, k+1, h, w] normalised weights (index 0 = background).
+
+    Returns:
+      [b] float32 per-example loss.
+    """
+    if weights.ndim != 4:
+        raise ValueError(
+            f"object_entropy_loss needs weights [b, k+1, h, w], got {weights.shape}."
+        )
+    q = jnp.mean(weights.astype(jnp.float32), axis=(2, 3))
+    return jnp.square(jnp.sum(q * jnp.log(q + PIXEL_ENTROPY_EPS), axis=1))
+
+
 def quadratic_warmup(step: Array | int, length: Array | int) -> Float[Array, ""]:
     """Quadratic ramp ``r(t) = min(1, t / N)^2`` of the pixel-entropy weight (eq. 22).
 

@@ -338,6 +338,7 @@ def foreground_train_step(
     rng = jax.random.fold_in(state.rng, step)
     lr = curriculum.foreground_learning_rate(step, config)
     entropy_weight = curriculum.pixel_entropy_weight(step, config)
+    object_weight = curriculum.object_entropy_weight(step, config)
 
     def loss_fn(params):
         background = None
@@ -359,10 +360,11 @@ def foreground_train_step(
         )
         rec = losses.reconstruction_loss(image, out.reconstruction).mean()
         pix = losses.pixel_entropy_loss(out.weights).mean()
-        total = rec + entropy_weight * pix
-        return total, (rec, pix, new_vars.get("batch_stats", {}), out)
+        obj = losses.object_entropy_loss(out.weights).mean()
+        total = rec + entropy_weight * pix + object_weight * obj
+        return total, (rec, pix, obj, new_vars.get("batch_stats", {}), out)
 
-    (loss, (rec, pix, batch_stats, out)), grads = jax.value_and_grad(
+    (loss, (rec, pix, obj, batch_stats, out)), grads = jax.value_and_grad(
         loss_fn, has_aux=True
     )(state.params)
     tx = optim.foreground_optimizer(config)
@@ -382,6 +384,7 @@ def foreground_train_step(
         "reconstruction_loss": rec,
         "pixel_entropy_loss": pix,
         "pixel_entropy_weight": entropy_weight,
+        "object_entropy_loss": obj,
         "learning_rate": lr,
         "l2_grads": grad_norm,
         "l2_params": param_norm,
@@ -429,7 +432,13 @@ class Progress:
         self.writer.write_scalars(step, scalars)
         terms = " ".join(
             f"{k.replace('_loss', '')} {float(metrics[k]):.4g}"
-            for k in ("loss", "reconstruction_loss", "pixel_entropy_loss", "mse")
+            for k in (
+                "loss",
+                "reconstruction_loss",
+                "pixel_entropy_loss",
+                "object_entropy_loss",
+                "mse",
+            )
             if k in metrics
         )
         say(

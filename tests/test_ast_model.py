@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from ast_seg_jax.models import AST, BackgroundAutoencoder, build_model
-from ast_seg_jax.models.ast_model import decode_latents
+from ast_seg_jax.models.ast_model import decode_latents, suppress_taken_positions
 from ast_seg_jax.models.segformer import SegformerConfig
+from ast_seg_jax.models.soft_argmax import soft_argmax
 from ast_seg_jax.typing import ModelOutput
 
 B, HW, K, Z = 2, (32, 32), 3, 8
@@ -474,3 +475,53 @@ def test_build_model_transformer_residual_is_optional():
     assert not build_model(_model_config(), (64, 64)).transformer_residual
     model = build_model(_model_config(transformer_residual=True), (64, 64))
     assert model.transformer_residual
+
+
+def test_slot_suppression_sends_later_slots_to_other_peaks():
+    # Every slot's map peaks highest at pixel (row 4, col 4), then at (10, 12), then at (12, 2).
+    logits = np.zeros((1, 16, 16, 3), np.float32)
+    logits[0, 4, 4] = 50.0
+    logits[0, 10, 12] = 40.0
+    logits[0, 12, 2] = 30.0
+    out = np.asarray(suppress_taken_positions(jnp.asarray(logits), 0.15, 1000.0))
+    xy = np.asarray(soft_argmax(jnp.moveaxis(jnp.asarray(out), -1, 1)))[0]
+
+    def pixel(col, row):
+        return (2 * col / 15 - 1, 2 * row / 15 - 1)
+
+    np.testing.assert_allclose(xy[0], pixel(4, 4), atol=1e-3)
+    np.testing.assert_allclose(xy[1], pixel(12, 10), atol=1e-3)
+    np.testing.assert_allclose(xy[2], pixel(2, 12), atol=1e-3)
+    # The first slot is untouched; far from the taken points the later maps barely change.
+    np.testing.assert_array_equal(out[..., 0], logits[..., 0])
+    np.testing.assert_allclose(out[0, 15, 15, 1:], 0.0, atol=1e-2)
+    # Without suppression all three slots take the same peak.
+    xy_plain = np.asarray(soft_argmax(jnp.moveaxis(jnp.asarray(logits), -1, 1)))[0]
+    np.testing.assert_allclose(xy_plain, [pixel(4, 4)] * 3, atol=1e-3)
+
+
+def test_slot_suppression_leaves_earlier_slots_without_gradient_from_later_ones():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3)) * 5
+
+    def last_slot(x):
+        return jnp.sum(suppress_taken_positions(x, 0.3, 100.0)[..., 2] ** 2)
+
+    grad = np.asarray(jax.grad(last_slot)(logits))
+    assert not grad[..., :2].any()
+    assert np.abs(grad[..., 2]).max() > 0
+
+
+def test_slot_suppression_in_the_model_and_build():
+    _, _, _, inter = _eval(slot_suppression_sigma=0.3)
+    _, _, _, plain = _eval()
+    xy, xy_plain = np.asarray(inter["xy_pooled"][0]), np.asarray(plain["xy_pooled"][0])
+    np.testing.assert_array_equal(xy[:, 0], xy_plain[:, 0])  # The first slot is free.
+    assert np.abs(xy - xy_plain).max() > 1e-3  # Later slots moved.
+    attention = np.asarray(inter["attention"][0])
+    np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert build_model(_model_config(), (64, 64)).slot_suppression_sigma == 0.0
+    model = build_model(_model_config(slot_suppression_sigma=0.15), (64, 64))
+    assert (model.slot_suppression_sigma, model.slot_suppression_strength) == (
+        0.15,
+        1000.0,
+    )

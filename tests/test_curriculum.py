@@ -39,6 +39,18 @@ def test_pixel_entropy_weight(step, expected):
     np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=1e-20)
 
 
+@pytest.mark.parametrize(
+    "step, expected", [(0, 0.0), (250, 3e-3 * 0.25), (500, 3e-3), (900, 3e-3)]
+)
+def test_object_entropy_weight(step, expected):
+    config = _config(object_entropy_weight=3e-3, object_entropy_warmup_steps=500)
+    weight = float(curriculum.object_entropy_weight(step, config))
+    np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=1e-20)
+    assert (
+        float(curriculum.object_entropy_weight(step, _config())) == 0.0
+    )  # Off by default.
+
+
 def test_background_learning_rate_decays_at_80_percent():
     config = _config()
     assert float(curriculum.background_learning_rate(399_999, config)) == pytest.approx(

@@ -68,6 +68,37 @@ class PixelEntropyLossTest(chex.TestCase):
         self.assertTrue(np.all(np.isfinite(grad)))
 
 
+class ObjectEntropyLossTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_known_values(self):
+        # Image 0: every pixel background -> q = (1, 0, 0) -> 0.
+        # Image 1: half the pixels slot 1, half background -> q = (0.5, 0.5, 0) -> (log 2)^2.
+        weights = np.zeros((2, 3, 2, 2), np.float32)
+        weights[0, 0] = 1.0
+        weights[1, 0, 0] = 1.0
+        weights[1, 1, 1] = 1.0
+        loss = self.variant(losses.object_entropy_loss)(weights)
+        chex.assert_shape(loss, (2,))
+        np.testing.assert_allclose(loss, [0.0, np.log(2.0) ** 2], rtol=1e-6)
+
+    def test_one_slot_per_object_costs_less_than_a_split(self):
+        # The same object pixels owned by one slot, or split between two.
+        one = np.zeros((1, 3, 1, 4), np.float32)
+        one[0, 0, 0, :2] = 1.0
+        one[0, 1, 0, 2:] = 1.0
+        split = one.copy()
+        split[0, 1, 0, 3], split[0, 2, 0, 3] = 0.0, 1.0
+        self.assertLess(
+            float(losses.object_entropy_loss(one)[0]),
+            float(losses.object_entropy_loss(split)[0]),
+        )
+
+    def test_finite_gradient_for_an_unused_slot(self):
+        weights = jnp.asarray(np.eye(3, dtype=np.float32)[None, :2, :, None])
+        grad = jax.grad(lambda w: jnp.sum(losses.object_entropy_loss(w)))(weights)
+        self.assertTrue(np.all(np.isfinite(grad)))
+
+
 class QuadraticWarmupTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(

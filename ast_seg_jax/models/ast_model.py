@@ -7,7 +7,10 @@ Forward pass (ast_model.md section 0):
    feature map Phi.
 2. ``attention_pool``: per slot, a spatial softmax of its logit map gives the soft-argmax
    position (x0, y0) and pools Phi; the slot token is [x0, y0, pooled Phi], width
-   ``D = Z + 3 + sd``.
+   ``D = Z + 3 + sd``. With ``slot_suppression_sigma > 0`` (not in the official code) the
+   maps are first passed through ``suppress_taken_positions``: in slot order, each slot's logits
+   are lowered around the positions the earlier slots took, so that two slots do not pool the
+   same object.
 3. Dense(D -> dim), a post-norm transformer encoder across the K tokens of an image,
    Dense(dim -> D) (no skip connection around them, as in the official code). With
    ``use_transformer=False`` (paper ablation) the pooled tokens are decoded directly. With
@@ -48,7 +51,8 @@ the full parameter tree.
 Deviations from the official code: the transformer layers are initialised independently
 (PyTorch deep-copies one layer, so its layers start identical); ``use_transformer=False``
 (paper ablation, not a code option there) decodes the pooled tokens directly;
-``transformer_residual=True`` (off by default) is the residual read-out of step 3; the
+``transformer_residual=True`` (off by default) is the residual read-out of step 3;
+``slot_suppression_sigma > 0`` (off by default) is the suppression of step 2; the
 natural-video option ``variable_background_activation`` (a learned per-pixel background
 logit map) is not implemented. Everything else follows ast_model.md sections 0-3.
 """
@@ -64,7 +68,7 @@ from ast_seg_jax.models.background import BackgroundAutoencoder
 from ast_seg_jax.models.compositing import composite
 from ast_seg_jax.models.glimpse import GlimpseGenerator, glimpse_size_for
 from ast_seg_jax.models.segformer import Segformer, SegformerConfig
-from ast_seg_jax.models.soft_argmax import attention_pool
+from ast_seg_jax.models.soft_argmax import attention_pool, position_grid, soft_argmax
 from ast_seg_jax.models.spatial_transformer import place_glimpses
 from ast_seg_jax.models.transformer import TransformerEncoder, torch_dense
 from ast_seg_jax.models.unet import UNet
@@ -90,6 +94,9 @@ class AST(nn.Module):
       use_transformer: embed + transformer + readout between pooling and decoding.
       transformer_residual: the read-out (kernel and bias initialised to zero) is added to the
         pooled tokens, positions excepted, instead of replacing them (not official; step 3).
+      slot_suppression_sigma: width (grid units) of the bump that each slot's soft-argmax point
+        subtracts from the later slots' attention logits; 0 turns the suppression off (official).
+      slot_suppression_strength: height of that bump, in logit units.
       transformer_layers, transformer_dim, transformer_heads, transformer_mlp_dim,
         transformer_dropout: transformer encoder hyper-parameters.
       min_scale, max_scale: range of the inverse scales s (object half-extent 1/s).
@@ -114,6 +121,8 @@ class AST(nn.Module):
     normalize_input: bool = False
     use_transformer: bool = True
     transformer_residual: bool = False
+    slot_suppression_sigma: float = 0.0
+    slot_suppression_strength: float = 1000.0
     transformer_layers: int = 6
     transformer_dim: int = 256
     transformer_heads: int = 8
@@ -210,6 +219,10 @@ class AST(nn.Module):
                 f"K + Z + 1 + sd = {self.generator_channels}."
             )
         logits, features = maps[..., :k], maps[..., k:]
+        if self.slot_suppression_sigma:
+            logits = suppress_taken_positions(
+                logits, self.slot_suppression_sigma, self.slot_suppression_strength
+            )
         xy_pooled, pooled = attention_pool(logits, features)  # [b,k,2], [b,k,Z+1+sd]
         if not train:
             _, fh, fw, _ = logits.shape
@@ -289,6 +302,29 @@ class AST(nn.Module):
             activation_logit=activation_logit,
             z_what=z_what,
         )
+
+
+def suppress_taken_positions(
+    logits: Float[Array, "b h w k"], sigma: float, strength: float
+) -> Float[Array, "b h w k"]:
+    """Slot k's attention logits minus a Gaussian bump at each earlier slot's soft-argmax point.
+
+    In slot order, the soft-argmax point xy_j of slot j (from its already suppressed map, gradient
+    stopped) lowers the logits of every later slot by ``strength * exp(-|p - xy_j|^2 / (2 sigma^2))``
+    (p and sigma in the [-1, 1] grid units of ``soft_argmax``), so that two slots cannot settle on
+    the same object (non-maximum suppression).
+    """
+    _, fh, fw, k = logits.shape
+    grid = position_grid(fh, fw)  # [h, w, 2]
+    penalty = jnp.zeros(logits.shape[:3], jnp.float32)
+    out = []
+    for j in range(k):
+        lj = logits[..., j] - strength * penalty
+        out.append(lj)
+        xy = jax.lax.stop_gradient(soft_argmax(lj))  # [b, 2]
+        d2 = jnp.sum(jnp.square(grid[None] - xy[:, None, None, :]), axis=-1)
+        penalty = penalty + jnp.exp(-d2 / (2.0 * sigma**2))
+    return jnp.stack(out, axis=-1)
 
 
 def decode_latents(

@@ -166,6 +166,8 @@ def build_model(
         normalize_input=bool(m.normalize_input),
         use_transformer=bool(m.use_transformer),
         transformer_residual=bool(m.get("transformer_residual", False)),
+        slot_suppression_sigma=float(m.get("slot_suppression_sigma", 0.0)),
+        slot_suppression_strength=float(m.get("slot_suppression_strength", 1000.0)),
         transformer_layers=int(m.transformer_layers),
         transformer_dim=int(m.transformer_dim),
         transformer_heads=int(m.transformer_heads),

@@ -57,6 +57,11 @@ def get_config() -> ml_collections.ConfigDict:
     # True (not official): the transformer's read-out starts at zero and is added to the pooled
     # tokens, and the positions stay the soft-argmax points; False: the official read-out replaces them.
     config.model.transformer_residual = False
+    # sigma > 0 (not official): non-maximum suppression between slots; in slot order, each slot's
+    # attention logits lose strength * exp(-d^2 / (2 sigma^2)) at distance d (grid units, [-1, 1])
+    # from every earlier slot's soft-argmax point. 0: off, as in the official code.
+    config.model.slot_suppression_sigma = 0.0
+    config.model.slot_suppression_strength = 1000.0
     config.model.transformer_layers = 6
     config.model.transformer_dim = 256
     config.model.transformer_heads = 8
@@ -115,6 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.reset_optimizer_at_phase3 = True
     config.pixel_entropy_weight = 1e-2
     config.pixel_entropy_warmup_steps = 10_000
+    # Object-entropy loss (squared entropy of each image's mean layer weights), from the official
+    # code's first version (weight 3e-4, quadratic warm-up over 5,000 steps); version 2 dropped it: 0.
+    config.object_entropy_weight = 0.0
+    config.object_entropy_warmup_steps = 5_000
 
     # ---- Logging, evaluation, checkpoints ----
     config.log_loss_every_steps = 100
