@@ -89,6 +89,6 @@ def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(workdir / "eval" / "test" / "metrics.json") as f:
         results = json.load(f)
-    # All background (or one blob) scores 0.27 on average; the full command reaches 0.56-0.65 (seeds 0-2).
-    # Measured: 0.651 (mIoU 48.1), 10.4 min on 2 cores.
+    # All background (or one blob) scores 0.27 on average; the full command reaches 0.59-0.60 (seeds 0-2).
+    # Measured: 0.652 (mIoU 60.4), 7.1 min on 2 cores (AMD EPYC).
     assert results["ari_fg"] > 0.5, results

@@ -11,9 +11,10 @@ The textured variant (harder scenes, as CLEVRTEX is to CLEVR):
 
 Hardware: sized for 2 CPU cores; see the README's results table for the measured wall time and metrics.
 
-The losses are the paper's, and so is the architecture, with the U-Net feature generator (the paper's
-ablation and its first version's default) and one change to the transformer's read-out (below). What differs
-from the paper's settings, and why:
+The losses are the paper's plus its first version's object-entropy term, and so is the architecture, with
+the U-Net feature generator (the paper's ablation and its first version's default), one change to the
+transformer's read-out and a suppression between slots (below). What differs from the paper's settings,
+and why:
 - Feature generator: the U-Net at an eighth of its widths (`model.unet_width=0.125`), from random
   initialisation, instead of ImageNet-pretrained Segformer-B3: a CPU cannot afford B3 and the project needs no
   download. Against Segformer-B0 at random init (an earlier default), the U-Net's full-resolution maps put
@@ -29,6 +30,21 @@ from the paper's settings, and why:
   land, the positions are pushed off the canvas within 50 steps, and past the clamp at +-1 their gradient is
   zero for good; no slot came back in our runs. A residual read-out that also corrects the positions moved
   every slot to one corner within 150 steps.
+- Slot suppression (`model.slot_suppression_sigma=0.15`, not in the official code): in slot order, each
+  slot's attention logits lose a Gaussian bump (sigma 0.15 in [-1, 1] units, about 5 pixels; height 1000)
+  around the soft-argmax points of the earlier slots. The trained attention logits span 100-250, so the
+  soft-argmax is in effect an argmax, and without this two slots often took the same object while another
+  object was left to the background (shortened command, 256 test images: 14 % of objects missed, 23 % in
+  scenes of four; with it 3 % and 5 %).
+- Object-entropy loss (`object_entropy_weight=1e-2`, warm-up 500 steps): the squared entropy of each
+  image's mean layer weights, from the official code's first version (weight 3e-4 there, warm-up 5000
+  steps; version 2 dropped it). It makes spare slots draw nothing: without it, spare slots paint small
+  patches of backdrop or pieces of objects that another slot already draws, and each counts as a false
+  object in mIoU (fg). Seed 0 of the full command: mIoU (fg) 47.2 with weight 3e-3 and 64.1 with 1e-2
+  (the previous default, without this loss or the suppression, scored 41.3 on another 2-core CPU);
+  ARI-FG 63.3 and 58.7. The larger weight also draws tighter masks (median
+  1.13x the true area instead of 1.23x), which costs ARI-FG in scenes of one object: there a single pixel
+  of the object left to the background splits it into two clusters, and ARI-FG drops to 0.
 - Background autoencoder: the simple AE-NE schedule at a quarter of its widths (`model.background_width`):
   the built-in backgrounds are smooth two-colour gradients, and the full network would cost 14x more.
 - Background pretraining: 300 steps at learning rate 5e-4 (the paper: 500k steps at 2e-3; at 2e-3 and batch 32
@@ -77,6 +93,7 @@ def get_config(arg: str = ""):
     config.model.background_width = 0.25
     config.model.use_transformer = True
     config.model.transformer_residual = True
+    config.model.slot_suppression_sigma = 0.15
     config.model.attention_init_scale = 20.0
     config.model.background_logit_init = 3.0
 
@@ -93,6 +110,8 @@ def get_config(arg: str = ""):
     config.warmup_steps = 160
     config.reset_optimizer_at_phase3 = False
     config.pixel_entropy_warmup_steps = 320
+    config.object_entropy_weight = 1e-2
+    config.object_entropy_warmup_steps = 500
 
     config.log_loss_every_steps = 200
     config.log_images_every_steps = 2_000
