@@ -45,6 +45,17 @@ def reconstruction_loss(
     return jnp.mean(jnp.square(error), axis=(1, 2))
 
 
+def _layer_weights(name: str, weights: Array) -> Float[Array, "b k1 h w"]:
+    if weights.ndim != 4:
+        raise ValueError(f"{name} needs weights [b, k+1, h, w], got {weights.shape}.")
+    return weights.astype(jnp.float32)
+
+
+def _squared_entropy(p: Array) -> Array:
+    """``(sum_k p_k log(p_k + 1e-20))^2`` over axis 1 (the layers)."""
+    return jnp.square(jnp.sum(p * jnp.log(p + PIXEL_ENTROPY_EPS), axis=1))
+
+
 def pixel_entropy_loss(weights: Float[Array, "b k1 h w"]) -> Float[Array, " b"]:
     """Squared per-pixel entropy of the compositing weights, averaged over pixels (eqs. 19-21).
 
@@ -57,13 +68,8 @@ def pixel_entropy_loss(weights: Float[Array, "b k1 h w"]) -> Float[Array, " b"]:
     Returns:
       [b] float32 per-example loss.
     """
-    if weights.ndim != 4:
-        raise ValueError(
-            f"pixel_entropy_loss needs weights [b, k+1, h, w], got {weights.shape}."
-        )
-    weights = weights.astype(jnp.float32)
-    neg_entropy = jnp.sum(weights * jnp.log(weights + PIXEL_ENTROPY_EPS), axis=1)
-    return jnp.mean(jnp.square(neg_entropy), axis=(1, 2))
+    weights = _layer_weights("pixel_entropy_loss", weights)
+    return jnp.mean(_squared_entropy(weights), axis=(1, 2))
 
 
 def object_entropy_loss(weights: Float[Array, "b k1 h w"]) -> Float[Array, " b"]:
@@ -79,12 +85,8 @@ def object_entropy_loss(weights: Float[Array, "b k1 h w"]) -> Float[Array, " b"]
     Returns:
       [b] float32 per-example loss.
     """
-    if weights.ndim != 4:
-        raise ValueError(
-            f"object_entropy_loss needs weights [b, k+1, h, w], got {weights.shape}."
-        )
-    q = jnp.mean(weights.astype(jnp.float32), axis=(2, 3))
-    return jnp.square(jnp.sum(q * jnp.log(q + PIXEL_ENTROPY_EPS), axis=1))
+    weights = _layer_weights("object_entropy_loss", weights)
+    return _squared_entropy(jnp.mean(weights, axis=(2, 3)))
 
 
 def quadratic_warmup(step: Array | int, length: Array | int) -> Float[Array, ""]:
