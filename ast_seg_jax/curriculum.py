@@ -106,18 +106,19 @@ def background_loss_beta(step, config: ml_collections.ConfigDict):
     return AE_NE_BETA * jnp.minimum(1.0, t / warmup)
 
 
+def _ramped(weight: float, warmup_steps: int, step):
+    """weight * min(1, t / N)^2 with t = optimiser steps already taken (0 on the first step)."""
+    t = jnp.asarray(step, jnp.float32)
+    return weight * quadratic_warmup(t, max(warmup_steps, 1))
+
+
 def pixel_entropy_weight(step, config: ml_collections.ConfigDict):
     """lambda * min(1, t / N_pix)^2 with t = optimiser steps already taken (0 on the first step)."""
-    t = jnp.asarray(step, jnp.float32)
-    return config.pixel_entropy_weight * quadratic_warmup(
-        t, max(config.pixel_entropy_warmup_steps, 1)
-    )
+    return _ramped(config.pixel_entropy_weight, config.pixel_entropy_warmup_steps, step)
 
 
 def object_entropy_weight(step, config: ml_collections.ConfigDict):
-    """The object-entropy weight times min(1, t / N_obj)^2 (0 when the config has no such loss)."""
-    weight = config.get("object_entropy_weight", 0.0)
-    if not weight:
-        return jnp.zeros((), jnp.float32)
-    t = jnp.asarray(step, jnp.float32)
-    return weight * quadratic_warmup(t, max(config.object_entropy_warmup_steps, 1))
+    """The object-entropy weight times min(1, t / N_obj)^2 (0 with the default weight 0)."""
+    return _ramped(
+        config.object_entropy_weight, config.object_entropy_warmup_steps, step
+    )

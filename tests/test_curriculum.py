@@ -46,9 +46,8 @@ def test_object_entropy_weight(step, expected):
     config = _config(object_entropy_weight=3e-3, object_entropy_warmup_steps=500)
     weight = float(curriculum.object_entropy_weight(step, config))
     np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=1e-20)
-    assert (
-        float(curriculum.object_entropy_weight(step, _config())) == 0.0
-    )  # Off by default.
+    off_by_default = float(curriculum.object_entropy_weight(step, _config()))
+    assert off_by_default == 0.0
 
 
 def test_background_learning_rate_decays_at_80_percent():

@@ -94,9 +94,14 @@ class ObjectEntropyLossTest(chex.TestCase):
         )
 
     def test_finite_gradient_for_an_unused_slot(self):
-        weights = jnp.asarray(np.eye(3, dtype=np.float32)[None, :2, :, None])
-        grad = jax.grad(lambda w: jnp.sum(losses.object_entropy_loss(w)))(weights)
+        # Layers: background and slot 1 share the pixels; slot 2 has weight 0 everywhere (q_2 = 0).
+        weights = np.zeros((1, 3, 2, 1), np.float32)
+        weights[0, 0, 0] = weights[0, 1, 1] = 1.0
+        grad = jax.grad(lambda w: jnp.sum(losses.object_entropy_loss(w)))(
+            jnp.asarray(weights)
+        )
         self.assertTrue(np.all(np.isfinite(grad)))
+        self.assertGreater(np.abs(np.asarray(grad)[0, 2]).max(), 0.0)
 
 
 class QuadraticWarmupTest(chex.TestCase):
