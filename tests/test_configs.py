@@ -142,21 +142,9 @@ def test_every_config_has_a_training_smoke_run():
     assert set(SMOKE_TESTED) | SMOKE_RUN_ELSEWHERE == set(NAMES)
 
 
-# In CI: clevrtex (128 px, K=10, complex background, precomputed backgrounds) and folder (users' images).
-# clevr, objects_room and shapestacks run the same code paths with other sizes and data formats (their
-# loaders are tested on real-format files in tests/datasets/); their whole runs add about 5 minutes of
-# compute, which the CI budget cannot carry, so they are `slow`.
-SMOKE_SLOW = {"clevr", "objects_room", "shapestacks"}
-
-
+# Every config's run is in CI (about 35-55 s each on 2 cores, mostly XLA compilation).
 @pytest.mark.usefixtures("compilation_cache_dir")
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.slow) if n in SMOKE_SLOW else n
-        for n in SMOKE_TESTED
-    ],
-)
+@pytest.mark.parametrize("name", SMOKE_TESTED)
 def test_config_trains_every_phase_and_resumes(name, tmp_path, monkeypatch, capsys):
     # On one device, which compiles a quarter faster; data parallelism is the smoke run's and the
     # multi-host test's concern (test_reliability.py).
