@@ -1,6 +1,6 @@
 """End-to-end training on the tiny shapes dataset: the smoke curriculum (every phase) and its resume, the
-phase hand-off, frozen parameters, the optimiser reset, no recompilation; one vs four devices; the
-other scenarios (slow); bad configs and workdirs.
+phase hand-off, frozen parameters, the optimiser reset, no recompilation; the other scenarios and one vs
+four devices (slow); bad configs and workdirs.
 
 The curriculum run is the session's `smoke_run` (conftest.py), shared with test_reliability.py. Compiled
 executables go to the session's persistent compilation cache, so later runs of the same config load them.
@@ -118,7 +118,7 @@ def test_resume_continues_from_the_latest_checkpoint(curriculum_run, tmp_path, c
 
 
 @pytest.mark.parametrize("scenario", ["baseline", "frozen_background"])
-@pytest.mark.slow  # Two more whole training runs (29 s on 2 cores); CI keeps the default curriculum's.
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_scenario_smoke_and_resume(scenario, data_dir, tmp_path, capsys):
     precompute = scenario == "frozen_background"  # Covers the precomputed path too.
     config = tiny_config(
@@ -183,6 +183,7 @@ def _run_steps(config, mesh, batches):
     return states, losses, steps
 
 
+@pytest.mark.slow  # Whole training runs: minutes of compilation on 2 cores.
 def test_one_and_four_devices_agree(data_dir):
     assert len(jax.devices()) == 4
     config = tiny_config(data_dir, num_train_steps=3, freeze_background_steps=2)
