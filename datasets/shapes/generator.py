@@ -1,6 +1,6 @@
 """Vectorised NumPy generator of synthetic multi-object scenes (no TensorFlow needed).
 
-A scene holds 1..N opaque 2-D objects painted back to front over a smooth colour-gradient background
+A scene holds M..N opaque 2-D objects (M = `min_objects`, 1 unless asked) painted back to front over a smooth colour-gradient background
 (random per scene, or one fixed backdrop shared by every scene). Each
 object has one of several shape kinds, a saturated random colour that keeps a minimum RGB distance from every
 colour of the background gradient and from the objects painted before it, a random size (14-30 % of the image
@@ -178,10 +178,11 @@ def _render_chunk(
     textured: bool,
     min_visible: int,
     fixed_background: bool = False,
+    min_objects: int = 1,
 ) -> dict[str, np.ndarray]:
     """Renders `chunk` scenes; returns float images, labels, metadata and a per-scene `ok` flag."""
     n = max_objects
-    num_objects = rng.integers(1, n + 1, size=chunk)
+    num_objects = rng.integers(min_objects, n + 1, size=chunk)
     active = np.arange(n)[None, :] < num_objects[:, None]  # [c, n]
 
     # Background: linear gradient between two muted colours along a random direction.
@@ -312,6 +313,7 @@ def generate(
     textured: bool = False,
     min_visible: int | None = None,
     fixed_background: bool = False,
+    min_objects: int = 1,
 ) -> dict[str, np.ndarray]:
     """Generates `num` synthetic scenes, deterministically for `seed`.
 
@@ -320,12 +322,14 @@ def generate(
       seed: seed (or sequence of ints) of the numpy random generator; the same arguments give the same
         arrays.
       image_size: side of the square images in pixels.
-      max_objects: N, the largest number of objects in a scene (each scene has 1..N, uniformly).
+      max_objects: N, the largest number of objects in a scene (each scene has min_objects..N,
+        uniformly).
       textured: fill objects and background with stripes / checks / noise and add background pixel noise.
       min_visible: fewest visible pixels an object may keep after occlusion; scenes below it are redrawn.
         Defaults to 16 pixels at 64x64, scaled with the image area.
       fixed_background: every scene gets the same backdrop (`FIXED_BACKGROUND`, top to bottom), as the
         scenes of CLEVR share one backdrop; False draws two colours and a direction per scene.
+      min_objects: M, the smallest number of objects in a scene (1 <= M <= N).
 
     Returns:
       A dict of numpy arrays (n = num, k = max_objects; unused object slots hold -1 / 0):
@@ -339,12 +343,18 @@ def generate(
         colour: uint8 [n, k, 3], base RGB colour of the object.
 
     Raises:
-      ValueError: for a non-positive count or size, or max_objects < 1.
+      ValueError: for a negative count, an image side under 8, max_objects < 1, or min_objects outside
+        1..max_objects.
     """
     if num < 0 or image_size < 8 or max_objects < 1:
         raise ValueError(
             f"generate needs num >= 0, image_size >= 8 and max_objects >= 1, got num={num}, "
             f"image_size={image_size}, max_objects={max_objects}."
+        )
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(
+            f"generate needs 1 <= min_objects <= max_objects, got min_objects={min_objects}, "
+            f"max_objects={max_objects}."
         )
     if max_objects > 255:
         raise ValueError(f"max_objects={max_objects} does not fit a uint8 label map.")
@@ -377,6 +387,7 @@ def generate(
             textured,
             min_visible,
             fixed_background,
+            min_objects,
         )
         keep = np.flatnonzero(scenes["ok"])[:remaining]
         for key in keys:

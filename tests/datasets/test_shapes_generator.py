@@ -91,9 +91,25 @@ def test_textured_variant(size):
     assert len(np.unique(pixels, axis=0)) > 1
 
 
+def test_min_objects_bounds_the_count():
+    out = generator.generate(64, seed=5, image_size=64, max_objects=4, min_objects=2)
+    counts = out["num_objects"]
+    assert counts.min() == 2 and counts.max() == 4
+    for i in range(8):
+        np.testing.assert_array_equal(
+            np.unique(out["segmentation"][i]), np.arange(counts[i] + 1)
+        )
+    exact = generator.generate(8, seed=5, image_size=64, max_objects=3, min_objects=3)
+    np.testing.assert_array_equal(exact["num_objects"], 3)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_objects"):
         generator.generate(2, seed=0, max_objects=0)
+    with pytest.raises(ValueError, match="min_objects"):
+        generator.generate(2, seed=0, max_objects=3, min_objects=4)
+    with pytest.raises(ValueError, match="min_objects"):
+        generator.generate(2, seed=0, max_objects=3, min_objects=0)
     assert generator.generate(0, seed=0)["image"].shape == (0, 64, 64, 3)
 
 
