@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ast_seg_jax import input_pipeline, metrics, visualize
+from ast_seg_jax import input_pipeline, metrics, probe, visualize
 from ast_seg_jax.models.compositing import segment
 from ast_seg_jax.typing import IMAGE, SEGMENTATION, VALID
 
@@ -163,6 +163,35 @@ def evaluate(
     return means, per_image
 
 
+def run_shape_probe(
+    model, variables, data_config, *, split: str, num_images: int, batch_size: int
+) -> dict:
+    """`probe.shape_probe` of the model's appearance vectors on the first images of a split."""
+
+    @jax.jit
+    def predict(image):
+        out = model.apply(variables, image, None, train=False)
+        return segment(out.weights), out.z_what
+
+    return probe.shape_probe(
+        lambda images: jax.device_get(predict(jnp.asarray(images))),
+        data_config,
+        split=split,
+        num_images=num_images,
+        batch_size=batch_size,
+    )
+
+
+def format_probe(means: dict) -> str:
+    """One line: the shape probe's accuracy against chance, and how many objects it saw."""
+    return (
+        f"Shape probe (linear, 5-fold): {100 * means['shape_probe']:.1f} % of "
+        f"{means['shape_probe_objects']} objects (chance "
+        f"{100 * means['shape_probe_chance']:.1f} %; "
+        f"{100 * means['shape_probe_found']:.1f} % of the objects have a slot)"
+    )
+
+
 def format_table(means: dict, name: str) -> str:
     """The paper's table row: mIoU / ARI-FG / MSC-FG x100, MSE as is."""
     header = (
@@ -220,6 +249,23 @@ def evaluate_and_write(
     )
     name = config.data.name + (f"/{config.data.config}" if config.data.config else "")
     text = f"Evaluation on {name} ({split}):\n{format_table(means, name)}"
+    num_probe = config.get("num_probe_images", 512)
+    if (
+        num_probe > 0
+        and jax.process_count() == 1
+        and probe.has_shape_labels(config.data)
+    ):
+        means.update(
+            run_shape_probe(
+                model,
+                variables,
+                config.data,
+                split=split,
+                num_images=num_probe,
+                batch_size=config.eval_batch_size,
+            )
+        )
+        text += "\n" + format_probe(means)
     logging.info(text)
     if jax.process_index() != 0:
         return means
