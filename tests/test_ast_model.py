@@ -10,8 +10,10 @@ import pytest
 
 from ast_seg_jax.models import AST, BackgroundAutoencoder, build_model
 from ast_seg_jax.models.ast_model import decode_latents, suppress_taken_positions
+from ast_seg_jax.models.crop_encoder import CropEncoder
 from ast_seg_jax.models.segformer import SegformerConfig
 from ast_seg_jax.models.soft_argmax import soft_argmax
+from ast_seg_jax.models.spatial_transformer import extract_glimpses
 from ast_seg_jax.typing import ModelOutput
 
 B, HW, K, Z = 2, (32, 32), 3, 8
@@ -525,3 +527,85 @@ def test_slot_suppression_in_the_model_and_build():
         0.15,
         1000.0,
     )
+
+
+def test_crop_encoder_reads_each_slot_window_and_sets_z_what_and_the_offset():
+    model, variables, out, _ = _eval(appearance_encoder="crop")
+    params = variables["params"]
+    assert set(params["crop_encoder"]) == {
+        "conv_0",
+        "conv_1",
+        "conv_2",
+        "conv_3",
+        "hidden",
+        "readout",
+        "offset",
+    }
+    # The same weights without the crop encoder: the official pooled model.
+    plain = {k: v for k, v in params.items() if k != "crop_encoder"}
+    pooled = jax.jit(lambda v: tiny_ast().apply(v, _images(), train=False))(
+        {**variables, "params": plain}
+    )
+    # Scale and activation still come from the pooled tokens ...
+    for name in ("scale", "activation_logit"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(out, name)), np.asarray(getattr(pooled, name)), atol=1e-6
+        )
+    # ... z_what is the crop encoder applied to the windows at the pooled positions, and the
+    # glimpse moves within its window by the encoder's offset (at most half a half-extent).
+    g = model.resolved_glimpse_size
+    crops = extract_glimpses(_images(), pooled.xy, pooled.scale, g)
+    z_what, offset = CropEncoder(Z, model.crop_encoder_width).apply(
+        {"params": params["crop_encoder"]}, crops.reshape(B * K, g, g, 3)
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.z_what), np.asarray(z_what).reshape(B, K, Z), atol=1e-5
+    )
+    want_xy = np.clip(
+        np.asarray(pooled.xy)
+        + np.asarray(offset).reshape(B, K, 2) / np.asarray(pooled.scale),
+        -1,
+        1,
+    )
+    np.testing.assert_allclose(np.asarray(out.xy), want_xy, atol=1e-5)
+    assert np.abs(np.asarray(offset)).max() < 0.5
+    assert np.abs(np.asarray(out.z_what - pooled.z_what)).max() > 1e-3
+    # At initialisation the offset read-out is zero: the glimpse sits at the soft-argmax point.
+    init = jax.jit(lambda key: model.init(key, _images(), train=False))(
+        jax.random.key(0, impl="unsafe_rbg")
+    )
+    assert not np.asarray(init["params"]["crop_encoder"]["offset"]["kernel"]).any()
+
+
+def test_crop_encoder_gradient_does_not_move_the_window():
+    model = tiny_ast(appearance_encoder="crop", use_transformer=False)
+    variables = _filled_variables(model)
+
+    def z_what_sum(params):
+        return model.apply(
+            {**variables, "params": params}, _images(), train=False
+        ).z_what.sum()
+
+    grad = jax.jit(jax.grad(z_what_sum))(variables["params"])
+    # Without the transformer, z_what reaches the feature generator only through the window's
+    # position and scale, whose gradient the crop stops.
+    for leaf in jax.tree_util.tree_leaves(grad["feature_generator"]):
+        assert not np.asarray(leaf).any()
+    assert (
+        max(
+            np.abs(np.asarray(x)).max()
+            for x in jax.tree_util.tree_leaves(grad["crop_encoder"])
+        )
+        > 0
+    )
+
+
+def test_build_model_appearance_encoder():
+    assert build_model(_model_config(), (64, 64)).appearance_encoder == "pooled"
+    model = build_model(_model_config(appearance_encoder="crop"), (64, 64))
+    assert (model.appearance_encoder, model.crop_encoder_width) == ("crop", 32)
+    assert build_model(_model_config(glimpse_width=2.0), (64, 64)).glimpse_width == 2.0
+    with pytest.raises(ValueError, match="glimpse_width"):
+        build_model(_model_config(glimpse_width=0.0), (64, 64))
+    with pytest.raises(ValueError, match="appearance_encoder"):
+        build_model(_model_config(appearance_encoder="box"), (64, 64))

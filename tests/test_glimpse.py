@@ -105,3 +105,19 @@ def test_glimpse_size_for(image_hw, size):
 def test_rejects_unsupported_size():
     with pytest.raises(ValueError, match="glimpse_size"):
         GlimpseGenerator(48).init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+
+
+def test_width_multiplies_the_hidden_channels():
+    shapes = jax.eval_shape(
+        lambda z: GlimpseGenerator(32, width=2.0).init(jax.random.PRNGKey(0), z),
+        jax.ShapeDtypeStruct((2, 16), jnp.float32),
+    )["params"]
+    # Official 32-px widths are 64, 32, 16, 8, then 4 output channels; x2 doubles the hidden ones.
+    assert [shapes[f"conv_{i}"]["kernel"].shape[-1] for i in range(5)] == [
+        128,
+        64,
+        32,
+        16,
+        4,
+    ]
+    assert shapes["norm_0"]["scale"].shape == (128,)

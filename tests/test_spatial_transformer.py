@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from absl.testing import absltest, parameterized
 
-from ast_seg_jax.models.spatial_transformer import place_glimpses
+from ast_seg_jax.models.spatial_transformer import extract_glimpses, place_glimpses
 
 
 def _torch_place(glimpses, xy, scale, out_hw):
@@ -214,3 +214,52 @@ class PlaceGlimpsesTest(chex.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class ExtractGlimpsesTest(parameterized.TestCase):
+    """extract_glimpses: the inverse window of place_glimpses, against grid_sample."""
+
+    @parameterized.parameters((32, (64, 64)), (16, (48, 80)))
+    def test_matches_grid_sample_of_the_inverse_affine_map(self, size, image_hw):
+        rng = np.random.default_rng(size)
+        b, k = 2, 3
+        image = rng.uniform(size=(b, *image_hw, 3)).astype(np.float32)
+        xy = rng.uniform(-1.1, 1.1, size=(b, k, 2)).astype(np.float32)
+        scale = rng.uniform(1.3, 8.0, size=(b, k, 2)).astype(np.float32)
+        got = extract_glimpses(jnp.asarray(image), xy, scale, size)
+        chex.assert_shape(got, (b, k, size, size, 3))
+        # Reference: sample the image at x + g / s (theta = [[1/s_x, 0, x], [0, 1/s_y, y]]).
+        sx, sy = (torch.as_tensor(scale[..., i]).reshape(-1) for i in range(2))
+        x, y = (torch.as_tensor(xy[..., i]).reshape(-1) for i in range(2))
+        zero = torch.zeros_like(x)
+        theta = torch.stack(
+            [torch.stack([1 / sx, zero, x], -1), torch.stack([zero, 1 / sy, y], -1)], 1
+        )
+        grid = F.affine_grid(theta, [b * k, 3, size, size], align_corners=False)
+        source = torch.as_tensor(image).permute(0, 3, 1, 2).repeat_interleave(k, 0)
+        want = F.grid_sample(
+            source, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        want = want.permute(0, 2, 3, 1).reshape(b, k, size, size, 3).numpy()
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+    def test_a_crop_placed_back_covers_the_pixels_it_was_read_from(self):
+        image = np.random.default_rng(0).uniform(size=(1, 64, 64, 3)).astype(np.float32)
+        xy = np.array([[[0.0, 0.0], [-0.5, 0.25]]], np.float32)
+        scale = np.full((1, 2, 2), 2.0, np.float32)  # a 32-pixel window, pixel-aligned
+        crops = extract_glimpses(jnp.asarray(image), xy, scale, 32)
+        np.testing.assert_allclose(
+            np.asarray(crops[0, 0]), image[0, 16:48, 16:48], atol=1e-6
+        )
+        rgba = jnp.concatenate([crops, jnp.ones((1, 2, 32, 32, 1))], axis=-1)
+        placed = np.asarray(place_glimpses(rgba, xy, scale, (64, 64)))
+        np.testing.assert_allclose(
+            placed[0, 1, 24:56, 0:32, :3], image[0, 24:56, 0:32], atol=1e-6
+        )
+        assert not placed[0, 1, :24].any() and not placed[0, 1, :, 32:].any()
+
+    def test_rejects_mismatched_shapes(self):
+        with self.assertRaisesRegex(ValueError, "extract_glimpses"):
+            extract_glimpses(
+                jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 1, 2)), jnp.ones((3, 1, 2)), 8
+            )

@@ -21,6 +21,11 @@ Forward pass (ast_model.md section 0):
    s = min_scale + (max_scale - min_scale) * sigmoid(v[2:2+sd]) (broadcast to (s, s) when
    isotropic); activation logit = v[4] (official layout) or v[2+sd] (clean layout);
    z_what = v[3+sd:].
+   With ``appearance_encoder='crop'`` (not in the official code) z_what is instead encoded from
+   the slot's window of the input image (``extract_glimpses`` at xy and scale, gradient stopped
+   through the window's placement) by a small CNN (``crop_encoder.CropEncoder``), which also
+   shifts the glimpse within the window (by at most half its half-extent) to centre it on the
+   object.
 5. The glimpse generator turns each z_what into an RGBA glimpse; ``place_glimpses`` puts it
    on the image canvas at (x, y) with half-extent 1/s.
 6. ``composite`` over the background (given, e.g. precomputed, or computed live by
@@ -52,7 +57,8 @@ Deviations from the official code: the transformer layers are initialised indepe
 (PyTorch deep-copies one layer, so its layers start identical); ``use_transformer=False``
 (paper ablation, not a code option there) decodes the pooled tokens directly;
 ``transformer_residual=True`` (off by default) is the residual read-out of step 3;
-``slot_suppression_sigma > 0`` (off by default) is the suppression of step 2; the
+``slot_suppression_sigma > 0`` (off by default) is the suppression of step 2;
+``appearance_encoder='crop'`` (off by default) is the crop encoder of step 4; the
 natural-video option ``variable_background_activation`` (a learned per-pixel background
 logit map) is not implemented. Everything else follows ast_model.md sections 0-3.
 """
@@ -66,15 +72,17 @@ from jaxtyping import Array, Float
 
 from ast_seg_jax.models.background import BackgroundAutoencoder
 from ast_seg_jax.models.compositing import composite
+from ast_seg_jax.models.crop_encoder import CropEncoder
 from ast_seg_jax.models.glimpse import GlimpseGenerator, glimpse_size_for
 from ast_seg_jax.models.segformer import Segformer, SegformerConfig
 from ast_seg_jax.models.soft_argmax import attention_pool, position_grid, soft_argmax
-from ast_seg_jax.models.spatial_transformer import place_glimpses
+from ast_seg_jax.models.spatial_transformer import extract_glimpses, place_glimpses
 from ast_seg_jax.models.transformer import TransformerEncoder, torch_dense
 from ast_seg_jax.models.unet import UNet
 from ast_seg_jax.typing import ModelOutput
 
 FEATURE_GENERATORS = ("segformer", "unet")
+APPEARANCE_ENCODERS = ("pooled", "crop")
 
 
 class AST(nn.Module):
@@ -97,6 +105,10 @@ class AST(nn.Module):
       slot_suppression_sigma: width (grid units) of the bump that each slot's soft-argmax point
         subtracts from the later slots' attention logits; 0 turns the suppression off (official).
       slot_suppression_strength: height of that bump, in logit units.
+      appearance_encoder: "pooled" (official: z_what is read from the pooled token) or "crop"
+        (z_what is encoded from the slot's window of the image; step 4).
+      crop_encoder_width: channels of the crop encoder's first convolutions.
+      glimpse_width: multiplier of the glimpse generator's hidden channels (1.0: official).
       transformer_layers, transformer_dim, transformer_heads, transformer_mlp_dim,
         transformer_dropout: transformer encoder hyper-parameters.
       min_scale, max_scale: range of the inverse scales s (object half-extent 1/s).
@@ -123,6 +135,9 @@ class AST(nn.Module):
     transformer_residual: bool = False
     slot_suppression_sigma: float = 0.0
     slot_suppression_strength: float = 1000.0
+    appearance_encoder: str = "pooled"
+    crop_encoder_width: int = 32
+    glimpse_width: float = 1.0
     transformer_layers: int = 6
     transformer_dim: int = 256
     transformer_heads: int = 8
@@ -261,9 +276,32 @@ class AST(nn.Module):
             min_scale=self.min_scale,
             max_scale=self.max_scale,
         )
-        glimpses = GlimpseGenerator(g, self.dtype, name="glimpse_generator")(
-            z_what.reshape(b * k, self.z_what_dim)
-        ).reshape(b, k, g, g, 4)
+        if self.appearance_encoder == "crop":
+            # The window follows the slot, but the crop is not a path for moving it: xy and
+            # scale learn from the rendering only.
+            crops = extract_glimpses(
+                image,
+                jax.lax.stop_gradient(xy),
+                jax.lax.stop_gradient(scale),
+                g,
+            )  # [b, k, g, g, 3]
+            z_what, offset = CropEncoder(
+                self.z_what_dim,
+                self.crop_encoder_width,
+                dtype=self.dtype,
+                name="crop_encoder",
+            )(crops.reshape(b * k, g, g, 3))
+            z_what = z_what.reshape(b, k, self.z_what_dim)
+            # The glimpse moves within its window (offset in half-extents, 1/s).
+            xy = jnp.clip(xy + offset.reshape(b, k, 2) / scale, -1.0, 1.0)
+        elif self.appearance_encoder != "pooled":
+            raise ValueError(
+                f"appearance_encoder must be one of {APPEARANCE_ENCODERS}, got "
+                f"{self.appearance_encoder!r}."
+            )
+        glimpses = GlimpseGenerator(
+            g, self.dtype, self.glimpse_width, name="glimpse_generator"
+        )(z_what.reshape(b * k, self.z_what_dim)).reshape(b, k, g, g, 4)
         if not train:
             self.sow("intermediates", "glimpses", glimpses)
         placed = place_glimpses(glimpses, xy, scale, tuple(self.image_hw))

@@ -9,7 +9,9 @@ transformer_mlp_dim, transformer_dropout, min_scale, max_scale, background_logit
 background_complexity, background_width, glimpse_size (0 = from the image size). Three keys
 are optional, so that configs saved before they existed still build: unet_width (1.0 when
 absent), compute_dtype ('float32' when absent; 'bfloat16' runs the convolutional networks in
-mixed precision) and transformer_residual (False when absent).
+mixed precision) and transformer_residual (False when absent); so are the later
+slot_suppression_sigma / slot_suppression_strength (0 / 1000), appearance_encoder ('pooled')
+crop_encoder_width (32) and glimpse_width (1.0).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from ast_seg_jax.models.ast_model import AST, FEATURE_GENERATORS
+from ast_seg_jax.models.ast_model import APPEARANCE_ENCODERS, AST, FEATURE_GENERATORS
 from ast_seg_jax.models.background import BackgroundAutoencoder
 from ast_seg_jax.models.glimpse import GLIMPSE_SIZES
 from ast_seg_jax.models.segformer import SegformerConfig
@@ -129,6 +131,20 @@ def build_model(
             f"{GLIMPSE_SIZES}, got {m.glimpse_size}."
         )
     dtype = compute_dtype(m)
+    appearance_encoder = m.get("appearance_encoder", "pooled")
+    if appearance_encoder not in APPEARANCE_ENCODERS:
+        raise ValueError(
+            f"config.model.appearance_encoder must be one of {APPEARANCE_ENCODERS}, got "
+            f"{appearance_encoder!r}."
+        )
+    if m.get("crop_encoder_width", 32) < 1:
+        raise ValueError(
+            f"config.model.crop_encoder_width must be >= 1, got {m.crop_encoder_width}."
+        )
+    if m.get("glimpse_width", 1.0) <= 0:
+        raise ValueError(
+            f"config.model.glimpse_width must be > 0, got {m.glimpse_width}."
+        )
     if not 0 < m.min_scale < m.max_scale:
         raise ValueError(
             "config.model needs 0 < min_scale < max_scale, got "
@@ -168,6 +184,9 @@ def build_model(
         transformer_residual=bool(m.get("transformer_residual", False)),
         slot_suppression_sigma=float(m.get("slot_suppression_sigma", 0.0)),
         slot_suppression_strength=float(m.get("slot_suppression_strength", 1000.0)),
+        appearance_encoder=appearance_encoder,
+        crop_encoder_width=int(m.get("crop_encoder_width", 32)),
+        glimpse_width=float(m.get("glimpse_width", 1.0)),
         transformer_layers=int(m.transformer_layers),
         transformer_dim=int(m.transformer_dim),
         transformer_heads=int(m.transformer_heads),

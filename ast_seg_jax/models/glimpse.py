@@ -61,10 +61,13 @@ class GlimpseGenerator(nn.Module):
     Attributes:
       glimpse_size: output side, one of 32, 64, 128.
       dtype: computation dtype of the layers (parameters stay float32; the output is float32).
+      width: multiplier of every hidden layer's channels (1.0: official; not in the official code
+        otherwise).
     """
 
     glimpse_size: int = 64
     dtype: Any = jnp.float32
+    width: float = 1.0
 
     @nn.compact
     def __call__(self, z_what: Float[Array, "n z"]) -> Float[Array, "n g g 4"]:
@@ -82,7 +85,7 @@ class GlimpseGenerator(nn.Module):
             )
         num_layers = int(math.log2(self.glimpse_size))  # 32 -> 5 layers in all.
         x = z_what.reshape(z_what.shape[0], 1, 1, z_what.shape[1]).astype(self.dtype)
-        channels = 2 * self.glimpse_size
+        channels = max(1, round(2 * self.glimpse_size * self.width))
         for i in range(num_layers):
             last = i == num_layers - 1
             out_channels = 4 if last else channels

@@ -125,3 +125,52 @@ def place_glimpses(
         return jnp.einsum("bkri,bkiqc->bkrqc", weight_y, tmp, precision=hi)
     tmp = jnp.einsum("bkri,bkijc->bkrjc", weight_y, glimpses, precision=hi)
     return jnp.einsum("bkqj,bkrjc->bkrqc", weight_x, tmp, precision=hi)
+
+
+def extract_glimpses(
+    image: Float[Array, "b H W c"],
+    xy: Float[Array, "b k 2"],
+    scale: Float[Array, "b k 2"],
+    size: int,
+) -> Float[Array, "b k size size c"]:
+    """Reads each slot's window of the image into a ``size x size`` crop (inverse of placement).
+
+    The window is the square that ``place_glimpses`` fills for the same ``xy`` and ``scale``:
+    crop pixel (i, j) has normalised glimpse coordinates ``g = ((2 j + 1) / size - 1,
+    (2 i + 1) / size - 1)`` and reads the image bilinearly at ``xy + g / scale`` (normalised image
+    coordinates, align_corners=False, zeros outside the image). A glimpse drawn from the crop and
+    placed back with the same ``xy`` and ``scale`` covers the pixels the crop was read from.
+
+    Args:
+      image: [b, H, W, c] images.
+      xy: [b, k, 2] window centres ``(x, y)`` in normalised image coordinates.
+      scale: [b, k, 2] inverse scales ``(s_x, s_y)``; the window spans ``x +- 1 / s_x``.
+      size: static crop side.
+
+    Returns:
+      [b, k, size, size, c] crops (float32 or wider).
+    """
+    if image.ndim != 4:
+        raise ValueError(
+            f"extract_glimpses needs image [b, H, W, c], got {image.shape}."
+        )
+    b, h, w, _ = image.shape
+    if xy.shape[0] != b or xy.shape[2:] != (2,) or scale.shape != xy.shape:
+        raise ValueError(
+            f"extract_glimpses: xy {xy.shape} and scale {scale.shape} must both be "
+            f"[b, k, 2] with b = {b} as in image {image.shape}."
+        )
+    image = image.astype(jnp.promote_types(image.dtype, jnp.float32))
+    g = (2.0 * jnp.arange(size, dtype=jnp.float32) + 1.0) / size - 1.0
+
+    def positions(centre, inv_scale, extent):
+        u = centre[..., None] + g / inv_scale[..., None]  # normalised image coordinate
+        return ((u + 1.0) * extent - 1.0) / 2.0  # image pixel position
+
+    xy = xy.astype(jnp.float32)
+    scale = scale.astype(jnp.float32)
+    weight_x = _interpolation_matrix(positions(xy[..., 0], scale[..., 0], w), w)
+    weight_y = _interpolation_matrix(positions(xy[..., 1], scale[..., 1], h), h)
+    hi = jax.lax.Precision.HIGHEST
+    tmp = jnp.einsum("bkir,brqc->bkiqc", weight_y, image, precision=hi)
+    return jnp.einsum("bkjq,bkiqc->bkijc", weight_x, tmp, precision=hi)

@@ -62,6 +62,13 @@ def get_config() -> ml_collections.ConfigDict:
     # from every earlier slot's soft-argmax point. 0: off, as in the official code.
     config.model.slot_suppression_sigma = 0.0
     config.model.slot_suppression_strength = 1000.0
+    # Where z_what comes from: 'pooled' (official) reads it from the attention-pooled token;
+    # 'crop' (not official) encodes it from each slot's window of the input image with a small CNN
+    # (ast_seg_jax/models/crop_encoder.py), as SPAIR and SPACE encode their objects.
+    config.model.appearance_encoder = "pooled"
+    config.model.crop_encoder_width = (
+        32  # Channels of the crop encoder's first convolutions.
+    )
     config.model.transformer_layers = 6
     config.model.transformer_dim = 256
     config.model.transformer_heads = 8
@@ -78,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Multiplier of the AE-NE hidden widths; 1.0 is the official network (< 1 is a CPU-sized deviation).
     config.model.background_width = 1.0
     config.model.glimpse_size = 0  # 0: 32 for images <= 64, 64 for <= 128, 128 above.
+    # Multiplier of the glimpse generator's hidden channels (1.0: official).
+    config.model.glimpse_width = 1.0
     # Computation dtype of the feature generator, glimpse generator and background networks:
     # float32 (official), or bfloat16 for mixed precision (parameters, optimiser, transformer,
     # soft-argmax, compositing and losses stay float32). See the README's benchmark section.
@@ -134,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
     # WORKDIR/example_ids.txt (phases 2-3) and WORKDIR/example_ids_background.txt (phase 1).
     config.record_example_ids = False
     config.eval_batch_size = 64
+    # Images of the eval split for the shape probe (datasets that store each object's kind, e.g.
+    # the built-in shapes; see ast_seg_jax/probe.py); 0 turns it off.
+    config.num_probe_images = 512
     config.num_eval_images = (
         -1
     )  # Images of the eval split scored at the end; -1 means all.
@@ -169,6 +181,7 @@ def shrink_for_smoke_test(config: ml_collections.ConfigDict) -> None:
     config.batch_size = 4
     config.eval_batch_size = 4
     config.num_eval_images = 6
+    config.num_probe_images = 16
     config.warmup_steps = 2
     config.pixel_entropy_warmup_steps = 2
     config.log_loss_every_steps = 1
