@@ -55,6 +55,20 @@ def test_config_builds(name, arg):
         assert config.num_train_steps <= 10 and config.background.num_train_steps <= 10
 
 
+def test_shapes_paper_variant_switches_off_every_extension():
+    from experiments.configs import shapes
+
+    default, paper = shapes.get_config(), shapes.get_config("paper")
+    official = importlib.import_module("experiments.configs.base").get_config()
+    for key in ("transformer_residual", "slot_suppression_sigma", "appearance_encoder"):
+        assert paper.model[key] == official.model[key], key
+    assert paper.object_entropy_weight == official.object_entropy_weight
+    # Everything else (sizes, budget) is the default's.
+    assert paper.num_train_steps == default.num_train_steps
+    assert paper.model.unet_width == default.model.unet_width
+    assert shapes.get_config("paper,tiny").num_train_steps <= 10
+
+
 def test_unknown_config_argument_is_rejected():
     module = importlib.import_module("experiments.configs.clevrtex")
     with pytest.raises(ValueError, match="Unknown config argument 'tinny'"):
