@@ -184,6 +184,11 @@ def run_shape_probe(
 
 def format_probe(means: dict) -> str:
     """One line: the shape probe's accuracy against chance, and how many objects it saw."""
+    if not np.isfinite(means["shape_probe"]):
+        return (
+            f"Shape probe: not scored, {means['shape_probe_objects']} objects have a slot "
+            f"(it needs at least {probe.MIN_OBJECTS})."
+        )
     return (
         f"Shape probe (linear, 5-fold): {100 * means['shape_probe']:.1f} % of "
         f"{means['shape_probe_objects']} objects (chance "

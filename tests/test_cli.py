@@ -33,6 +33,9 @@ def test_training_left_what_it_promises(trained_workdir):
         metrics = json.load(f)
     assert {"miou", "miou_all", "ari_fg", "msc_fg", "mse", "num_images"} <= set(metrics)
     assert metrics["num_images"] == 6
+    # The built-in scenes store each object's kind, so the evaluation ran the shape probe too.
+    assert {"shape_probe", "shape_probe_objects", "shape_probe_found"} <= set(metrics)
+    assert 0 <= metrics["shape_probe_found"] <= 1
     assert os.path.getsize(os.path.join(workdir, "eval", "test", "samples.png")) > 1000
     assert os.listdir(os.path.join(workdir, "logs"))
 
