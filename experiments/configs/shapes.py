@@ -13,7 +13,7 @@ The textured variant (harder scenes, as CLEVRTEX is to CLEVR):
     python -m experiments.train --config=experiments/configs/shapes.py:textured \
         --workdir=workdirs/shapes_textured
 
-Hardware: sized for 2 CPU cores; see the README's results table for the measured wall time and metrics.
+Hardware: sized for 2 CPU cores; the README gives the current wall time and metrics.
 
 The losses are the paper's plus its first version's object-entropy term, and so is the architecture, with
 the U-Net feature generator (the paper's ablation and its first version's default), one change to the
@@ -76,7 +76,8 @@ and why:
   at one place, as a pretrained encoder's attention does.
 - Background logit initialised to 3 instead of 11 (`model.background_logit_init`), so that glimpses are
   visible (layer weight up to about 0.05-0.1) from the first step instead of about 1e-5.
-The README's status of the main job gives the measured results of this config and of the earlier ones.
+docs/demo_experiments.md records the measured results of this config and of the earlier ones (several of
+them on the dataset's version 1.1.0, which held 1..4 objects per scene instead of 2..4).
 """
 
 from experiments.configs import base
