@@ -17,7 +17,6 @@ Importing this module is cheap (absl only): no JAX or TensorFlow.
 import os
 import re
 import sys
-import textwrap
 import traceback
 
 from absl import app, flags, logging
@@ -65,21 +64,11 @@ def debug_requested(argv=None) -> bool:
 
 
 def paragraph(message: str) -> str:
-    """`message` as `error: ...` lines of at most 100 characters (its own line breaks are kept)."""
-    lines = []
-    for i, part in enumerate(str(message).strip().splitlines() or [""]):
-        prefix = "error: " if i == 0 else "  "
-        lines.append(
-            textwrap.fill(
-                part.strip() if i else part,
-                width=100,
-                initial_indent=prefix,
-                subsequent_indent="  ",
-                break_long_words=False,
-                break_on_hyphens=False,
-            )
-        )
-    return "\n".join(lines)
+    """`message` as `error: ...`, its further lines indented (not re-wrapped: names and paths stay whole)."""
+    lines = str(message).strip().splitlines() or [""]
+    return "\n".join(
+        ["error: " + lines[0], *("  " + line.strip() for line in lines[1:])]
+    )
 
 
 def fail(message: str, status: int = USER_ERROR_STATUS):
