@@ -10,13 +10,14 @@ import os
 
 import jax
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ast_seg_jax import image_io
 from ast_seg_jax.models.compositing import segment
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# PIL modes that have a faithful RGB meaning; others (e.g. CMYK, 16-bit, float) are refused.
-SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
+# PIL modes with a faithful RGB meaning (8-bit, and 16-bit greyscale); others (e.g. CMYK, float) are refused.
+SUPPORTED_MODES = image_io.SUPPORTED_MODES
 
 
 def list_images(path: str) -> list[str]:
@@ -38,21 +39,13 @@ def list_images(path: str) -> list[str]:
     return files
 
 
-def load_image(path: str) -> np.ndarray:
-    """An RGB uint8 [h, w, 3] array; a clear ValueError for unreadable files or unsupported modes."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in SUPPORTED_MODES:
-                raise ValueError(
-                    f"{path}: image mode {img.mode!r} is not supported "
-                    f"(use one of {', '.join(SUPPORTED_MODES)}, e.g. 8-bit RGB)."
-                )
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            return np.asarray(img.convert("RGB"), np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({e}).") from e
+def load_image(
+    path: str, *, max_side: int = image_io.MAX_IMAGE_SIDE, downscale: bool = False
+) -> np.ndarray:
+    """An RGB uint8 [h, w, 3] array, decoded exactly as the folder dataset decodes training images
+    (`image_io.decode_image`); a clear `image_io.ImageError` (a ValueError) for unreadable files,
+    unsupported modes and images over `max_side` pixels per side (unless `downscale`)."""
+    return image_io.decode_image(path, max_side=max_side, downscale=downscale)
 
 
 def resize_for_model(image: np.ndarray, image_hw) -> np.ndarray:

@@ -16,6 +16,9 @@ Batches are dicts of numpy arrays (b = per-process batch = global_batch_size / j
     image_size     (h, w): folder images are resized to it; the TFDS datasets are stored at their benchmark
                    resolution and it must equal that (checked)  [None = keep / no check]
     crop           folder only: 'center' (crop to the target aspect first) or 'none'  ['center']
+    bad_images     folder only: 'skip' (report unusable files by name and leave them out) or 'error'  ['skip']
+    max_image_side folder only: larger images are unusable files unless large_images='downscale'  [8192]
+    large_images   folder only: 'reject' or 'downscale' (shrink to max_image_side when decoding)  ['reject']
     train_split    ['train']; eval_split ['test']  (TFDS split names; `validation` where it exists)
     shuffle_buffer examples in the shuffle buffer  [10_000]
 
@@ -32,6 +35,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ast_seg_jax.image_io import MAX_IMAGE_SIDE
 from ast_seg_jax.typing import IMAGE, INDEX, SEGMENTATION, VALID
 
 tf.config.set_visible_devices([], "GPU")
@@ -124,6 +128,9 @@ def get_builder(data_config):
             _get(data_config, "dir", ""),
             tuple(size) if size else None,
             _get(data_config, "crop", "center"),
+            bad_images=_get(data_config, "bad_images", "skip"),
+            max_image_side=_get(data_config, "max_image_side", MAX_IMAGE_SIDE),
+            large_images=_get(data_config, "large_images", "reject"),
         )
     config = _get(data_config, "config", "")
     data_dir = _get(data_config, "data_dir", "")

@@ -19,7 +19,6 @@ import shutil
 import signal
 import threading
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +33,16 @@ from jax.sharding import PartitionSpec as P
 
 from ast_seg_jax import (
     checkpointing,
+    cli,
     curriculum,
     evaluator,
     input_pipeline,
     losses,
     optim,
+    preflight,
     train_state,
 )
 from ast_seg_jax.models.build import build_background_model, build_model
-from ast_seg_jax.models.glimpse import GLIMPSE_SIZES
 from ast_seg_jax.typing import BACKGROUND, IMAGE, INDEX, VALID
 
 PRECOMPUTED_FILE = "train_backgrounds.npy"
@@ -52,7 +52,7 @@ EXAMPLE_IDS_FILES = {
     curriculum.PHASE_FOREGROUND: "example_ids.txt",
 }
 # Predicted label maps are stored as uint8 (0 = background), which bounds the number of slots.
-MAX_SLOTS = 255
+MAX_SLOTS = preflight.MAX_SLOTS
 
 
 class NonFiniteLossError(ValueError):
@@ -72,16 +72,8 @@ class TrainingInterrupted(Exception):
 
 
 def raised_by_project(error: BaseException) -> bool:
-    """Whether `error` was raised by this project's own checks (bad input), not deep inside a library.
-
-    Launchers print such errors as one line; anything else keeps its traceback.
-    """
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
-        return False
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    last = os.path.abspath(frames[-1].filename)
-    return last.startswith(root + os.sep) and "site-packages" not in last
+    """Whether `error` was raised by this project's own checks (bad input); see `cli.raised_by_project`."""
+    return cli.raised_by_project(error)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,39 +95,11 @@ def replicate(tree, mesh: Mesh):
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Fails early, with the offending key, on values that cannot work together."""
-    curriculum.check_scenario(config)
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % num_devices:
-            raise ValueError(
-                f"config.{key}={config[key]} is not divisible by the {num_devices} devices."
-            )
-    if (
-        curriculum.needs_background_pretraining(config)
-        and config.background.num_train_steps > 0
-        and not config.background.restore_from
-        and config.background.batch_size % num_devices
-    ):
-        raise ValueError(
-            f"config.background.batch_size={config.background.batch_size} is not divisible by the "
-            f"{num_devices} devices."
-        )
-    h, w = config.data.image_size
-    if h < 16 or w < 16:
-        raise ValueError(
-            f"config.data.image_size={tuple(config.data.image_size)} is too small: the "
-            "Segformer, the background autoencoder and the glimpse renderer need at least 16x16."
-        )
-    if config.model.glimpse_size not in (0, *GLIMPSE_SIZES):
-        raise ValueError(
-            f"config.model.glimpse_size={config.model.glimpse_size}: the glimpse generator makes "
-            f"glimpses of {', '.join(map(str, GLIMPSE_SIZES))} pixels (0 picks one from the image size)."
-        )
-    if not 1 <= config.model.num_slots <= MAX_SLOTS:
-        raise ValueError(
-            f"config.model.num_slots={config.model.num_slots}: label maps are uint8 (0 = background), "
-            f"so K must lie in [1, {MAX_SLOTS}]."
-        )
+    """Fails early, with the offending key, on values that cannot work together (the first problem of
+    `preflight.config_problems`)."""
+    problems = preflight.config_problems(config, num_devices)
+    if problems:
+        raise ValueError(problems[0])
 
 
 # Free space the workdir's filesystem must have before training starts: a floor that catches a full disk
@@ -198,6 +162,12 @@ class StopRequest:
         del frame  # Unused.
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.signum is None and jax.process_index() == 0:
+            print(
+                f"{signal.Signals(signum).name} received: stopping after the current step (or "
+                "compilation) with a checkpoint; Ctrl-C again to abort at once.",
+                flush=True,
+            )
         self.signum = signum
 
     def requested(self) -> bool:
@@ -405,6 +375,22 @@ def compile_step(step_fn, mesh: Mesh):
     return jax.jit(step_fn, out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+class AnnouncedStep:
+    """A compiled step that says, before its first call, that the call compiles (a silent minute
+    otherwise, during which a Ctrl-C seems ignored)."""
+
+    def __init__(self, step_fn, name: str):
+        self.step_fn = step_fn
+        self.name = name
+        self.called = False
+
+    def __call__(self, *args):
+        if not self.called:
+            say("compiling the %s step (first call; can take a minute) ...", self.name)
+            self.called = True
+        return self.step_fn(*args)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Periodic reporting.
 
@@ -534,6 +520,7 @@ def train_background(
     mngr = checkpointing.manager(directory, config.max_checkpoints_to_keep)
     tx = optim.background_optimizer(config)
     rng = jax.random.PRNGKey(config.seed)
+    say("compiling the background model's initialisation (can take a minute) ...")
     params = init_variables(background_model, tuple(config.data.image_size), rng)[
         "params"
     ]
@@ -545,11 +532,14 @@ def train_background(
     start, total = int(state.step), bg.num_train_steps
     try:
         if start < total:
-            step_fn = compile_step(
-                functools.partial(
-                    background_train_step, model=background_model, config=config
+            step_fn = AnnouncedStep(
+                compile_step(
+                    functools.partial(
+                        background_train_step, model=background_model, config=config
+                    ),
+                    mesh,
                 ),
-                mesh,
+                "phase-1",
             )
             batches = input_pipeline.create_train_iterator(
                 config.data,
@@ -674,6 +664,7 @@ def _scale_out_channels(layer, num_slots: int, factor: float):
 
 def create_foreground_state(config, model, background_params, rng):
     """Initial phase-2/3 state: fresh foreground, pretrained (or fresh) background, optional MiT encoder."""
+    say("compiling the model's initialisation (can take a minute) ...")
     variables = init_variables(model, tuple(config.data.image_size), rng, train=False)
     params = dict(variables["params"])
     if background_params is not None:
@@ -742,15 +733,18 @@ def _foreground_loop(
         )
     # One jitted step per phase (the phase is a static flag: where the background comes from).
     steps = {
-        phase: compile_step(
-            functools.partial(
-                foreground_train_step,
-                model=model,
-                background_model=background_model,
-                config=config,
-                phase=phase,
+        phase: AnnouncedStep(
+            compile_step(
+                functools.partial(
+                    foreground_train_step,
+                    model=model,
+                    background_model=background_model,
+                    config=config,
+                    phase=phase,
+                ),
+                mesh,
             ),
-            mesh,
+            f"phase-{phase}",
         )
         for phase in (curriculum.PHASE_FOREGROUND, curriculum.PHASE_JOINT)
     }
@@ -815,24 +809,28 @@ def _visualisation_batch(config, num: int = 6):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every phase of `config` in `workdir` (resuming where it stopped) and evaluates the result.
 
-    Before any work: the workdir must be writable and the config consistent with the devices. During
-    training, SIGTERM / SIGINT save a checkpoint of the current step and raise TrainingInterrupted.
+    Before any work: the workdir must be writable and `preflight.check` must find no problem (config,
+    resume compatibility with WORKDIR/config.json, data, pretrained weights). During training, SIGTERM /
+    SIGINT save a checkpoint of the current step and raise TrainingInterrupted.
 
     Returns:
       The evaluation metrics (dataset means), also written to WORKDIR/eval/<split>/metrics.json.
 
     Raises:
       OSError: the workdir cannot be written.
-      ValueError: an inconsistent config (naming the key).
+      preflight.PreflightError: (a ValueError) the problems the pre-flight checks found.
       NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
       TrainingInterrupted: a stop signal arrived (the current step is checkpointed).
     """
     check_workdir(workdir)
     mesh = create_mesh()
-    check_config(config, mesh.size)
+    problems = preflight.check(config, workdir, num_devices=mesh.size)
+    if problems:
+        raise preflight.PreflightError(problems)
     is_lead = jax.process_index() == 0
     if is_lead:
-        checkpointing.write_config(workdir, config)
+        # Only now, with every check passed, does the workdir's config change (and its history grow).
+        preflight.record_start(config, workdir, echo=say)
     writer = create_writer(workdir)
     if is_lead:
         writer.write_hparams(_flat_hparams(config))

@@ -55,8 +55,14 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from ast_seg_jax import cli
+
+# --help lists --debug and --verbosity too.
+flags.adopt_module_key_flags(cli)
+flags.declare_key_flag("verbosity")
 
 PHASES = ("1", "2", "3", "infer")
 SWEEPS = ("batch", "image", "slots")
@@ -615,10 +621,14 @@ def write_json(path: str, payload) -> None:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise cli.UserError(
+            f"unexpected arguments {argv[1:]}; flags are written --name=value (--help lists them)."
+        )
     if _CONFIG.value is None:
-        raise app.UsageError("--config is required.")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        raise cli.UserError(
+            "--config is required (e.g. --config=experiments/configs/shapes.py:tiny)."
+        )
+    cli.quiet_third_party_logs()
     import jax
 
     kwargs = {
@@ -663,4 +673,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,13 +10,19 @@ NAME is one of shapes, clevrtex, clevr, objects_room, shapestacks; CONFIG is the
 default / default_128 / textured / textured_128 / tiny; clevrtex: full / outd / camo). TFDS shows a progress
 bar per split. The result can be read with `tfds.builder_from_directory(DATA_DIR/<builder>/<config>/1.0.0)`.
 With --export_images=DIR it also writes the first --num_images images of --split as PNG files into DIR, for
-trying `experiments.segment` on them.
+trying `experiments.segment` on them. Bad input (an unknown dataset or config, raw files missing from
+--manual_dir) is reported in one paragraph with exit status 2 (`--debug` shows the traceback).
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from ast_seg_jax import cli
+
+# --help lists --debug and --verbosity too.
+flags.adopt_module_key_flags(cli)
+flags.declare_key_flag("verbosity")
 
 _DATASET = flags.DEFINE_string(
     "dataset", "shapes/default", "NAME[/CONFIG] of the dataset to prepare."
@@ -37,7 +43,13 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to export images from.")
 
 
 def main(argv):
-    del argv  # Unused.
+    if len(argv) > 1:
+        raise cli.UserError(
+            f"unexpected arguments {argv[1:]}; flags are written --name=value (--help lists them)."
+        )
+    cli.quiet_third_party_logs()
+    if _NUM_IMAGES.value <= 0:
+        raise cli.UserError(f"--num_images={_NUM_IMAGES.value} must be positive.")
     import ml_collections
     import tensorflow_datasets as tfds
 
@@ -64,18 +76,14 @@ def main(argv):
                 "data_dir": os.path.expanduser(_DATA_DIR.value),
             }
         )
-        try:
-            paths = input_pipeline.export_images(
-                data_config,
-                os.path.expanduser(_EXPORT_IMAGES.value),
-                split=_SPLIT.value,
-                num=_NUM_IMAGES.value,
-            )
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+        paths = input_pipeline.export_images(
+            data_config,
+            os.path.expanduser(_EXPORT_IMAGES.value),
+            split=_SPLIT.value,
+            num=_NUM_IMAGES.value,
+        )
         print(f"Wrote {len(paths)} {_SPLIT.value} images to {_EXPORT_IMAGES.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

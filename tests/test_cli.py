@@ -71,6 +71,10 @@ def test_segment_cli(trained_workdir, tmp_path):
         inputs / "b.jpg"
     )
     (inputs / "broken.png").write_bytes(b"not an image")
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(inputs / "deep.png")
+    Image.new("RGB", (120, 30)).save(inputs / "huge.png")
+    whole = (inputs / "a.png").read_bytes()
+    (inputs / "cut.png").write_bytes(whole[: len(whole) // 2])
     out = tmp_path / "out"
     proc = _run(
         "experiments.segment",
@@ -78,10 +82,16 @@ def test_segment_cli(trained_workdir, tmp_path):
         f"--input={inputs}",
         f"--output={out}",
         "--save_latents",
+        "--max_image_side=100",
     )
-    # The broken file is reported by name, the others are processed, and the exit status says so.
+    # The bad files are reported by name, the others are processed, and the exit status says so.
     assert proc.returncode == 1
-    assert "broken.png" in proc.stderr
+    failures = proc.stderr.split("file(s) failed:")[1]
+    for name in ("broken.png", "cut.png", "huge.png"):
+        assert name in failures
+    assert "over the limit of 100" in failures and "Traceback" not in proc.stderr
+    assert "Segmented 3 of 6 images" in proc.stdout
+    assert (out / "deep_labels.png").exists()  # 16-bit greyscale is segmented.
     labels = np.asarray(Image.open(out / "a_labels.png"))
     assert labels.shape == (50, 90) and labels.max() <= 4
     assert np.asarray(Image.open(out / "a_overlay.png")).shape == (50, 90, 3)
@@ -109,7 +119,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         f"--input={tmp_path}",
         "--output=x",
     )
-    assert proc.returncode == 1 and "not the workdir of a training run" in proc.stderr
+    assert proc.returncode == 2 and "not the workdir of a training run" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

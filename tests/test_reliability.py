@@ -333,10 +333,10 @@ def test_cli_reports_bad_input_in_one_line(data_dir, cache_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     result = _train(str(blocker / "wd"), data_dir, cache_dir)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "cannot be written" in result.stderr and "Traceback" not in result.stderr
     result = _train(str(tmp_path / "wd"), data_dir, cache_dir, batch_size=6)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "config.batch_size=6 is not divisible by the 4 devices" in result.stderr
     assert not (tmp_path / "wd" / checkpointing.CHECKPOINT_DIR).exists()
 

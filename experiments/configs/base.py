@@ -30,6 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.image_size = (128, 128)
     # Folder images: 'center' (crop to the aspect first) or 'none'.
     config.data.crop = "center"
+    # Folder images that cannot be used (corrupt, truncated, unsupported, too large): 'skip' reports them by
+    # name and leaves them out; 'error' stops. Images over max_image_side pixels on a side are unusable
+    # unless large_images='downscale' (shrunk to fit when decoded).
+    config.data.bad_images = "skip"
+    config.data.max_image_side = 8192
+    config.data.large_images = "reject"
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.shuffle_buffer = 10_000

@@ -63,5 +63,7 @@ def test_errors(tmp_path):
         FolderDataset(str(bad)).num_examples("train")
     broken = _tree(tmp_path / "broken", masks=False)
     (broken / "train" / "images" / "img_9.png").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="img_9.png is not a readable image"):
-        FolderDataset(str(broken)).num_examples("train")
+    # Skipped with a count by default; fatal with bad_images="error".
+    assert FolderDataset(str(broken)).num_examples("train") == 3
+    with pytest.raises(ValueError, match="img_9.png: not a readable image"):
+        FolderDataset(str(broken), bad_images="error").num_examples("train")
