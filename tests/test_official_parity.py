@@ -267,3 +267,29 @@ def test_whole_model_matches_official(name):
         if abs_err > tol
     ]
     assert not failures, "\n".join(failures)
+
+
+def test_load_official_errors_name_the_key_and_the_shapes():
+    spec, _ = fixture()
+    entry = spec["configs"]["unet64"]
+    config = project_config(entry)
+    fg, bg = official_weights.state_dicts(entry)
+    key = "feature_vector_embedding.weight"
+
+    missing = {k: v for k, v in fg.items() if k != key}
+    with pytest.raises(ValueError, match=rf"missing from the foreground.*'{key}'"):
+        load_official(missing, bg, config)
+    wrong = {**fg, key: np.zeros((256, 36), np.float32)}
+    with pytest.raises(ValueError, match=rf"'{key}'.*\(256, 36\).*\(256, 37\)"):
+        load_official(wrong, bg, config)
+    extra = {**bg, "background_encoder.9.downsample.0.weight": np.zeros(3)}
+    with pytest.raises(
+        ValueError, match=r"unexpected keys in the background.*encoder\.9"
+    ):
+        load_official(fg, extra, config)
+    moved = {**fg, "position_map": fg["position_map"][:, ::-1]}
+    with pytest.raises(ValueError, match="'position_map'.*constant"):
+        load_official(moved, bg, config)
+    config.model.transformer_residual = True
+    with pytest.raises(ValueError, match="transformer_residual"):
+        load_official(fg, bg, config)
