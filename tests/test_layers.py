@@ -1,4 +1,5 @@
-"""The sub-pixel transposed convolution equals Flax's / XLA's dilated one, values and gradients."""
+"""The sub-pixel transposed convolution equals Flax's / XLA's dilated one, values and gradients;
+BatchNorm follows PyTorch's BatchNorm2d."""
 
 import chex
 import flax.linen as nn
@@ -87,3 +88,50 @@ def test_empty_output_and_channel_mismatch_are_reported():
         layers.conv_transpose(x, jnp.zeros((5, 5, 3, 1)), (1, 1), ((0, 0), (0, 0)))
     with pytest.raises(ValueError, match="channels"):
         layers.conv_transpose(x, jnp.zeros((2, 2, 4, 1)), (1, 1), ((1, 1), (1, 1)))
+
+
+def test_batch_norm_matches_pytorch_batch_norm_2d():
+    """Train-mode output, running statistics (unbiased variance) after two steps, eval output."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    # Batch 2 at 2x2 pixels: n = 8 values per channel, where n / (n - 1) matters (14 %).
+    xs = [
+        (3.0 + rng.standard_normal((2, 2, 2, 5))).astype(np.float32) for _ in range(2)
+    ]
+    scale = rng.uniform(0.5, 1.5, 5).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    reference = torch.nn.BatchNorm2d(5, momentum=0.1, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(scale))
+        reference.bias.copy_(torch.from_numpy(bias))
+    variables = {
+        "params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+        "batch_stats": {"mean": jnp.zeros(5), "var": jnp.ones(5)},
+    }
+    train = layers.BatchNorm(use_running_average=False)
+    for x in xs:
+        want = reference.train()(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+        got, updates = train.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        np.testing.assert_allclose(
+            got, want.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5
+        )
+    np.testing.assert_allclose(
+        variables["batch_stats"]["mean"], reference.running_mean.numpy(), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        variables["batch_stats"]["var"], reference.running_var.numpy(), atol=1e-6
+    )
+    want = reference.eval()(torch.from_numpy(xs[0].transpose(0, 3, 1, 2)))
+    got = layers.BatchNorm(use_running_average=True).apply(
+        variables, jnp.asarray(xs[0])
+    )
+    np.testing.assert_allclose(
+        got, want.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5
+    )
+    # Same variables as Flax's BatchNorm, so checkpoints written before stay loadable.
+    flax_vars = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), xs[0])
+    assert jax.tree.structure(flax_vars) == jax.tree.structure(
+        layers.BatchNorm(use_running_average=True).init(jax.random.key(0), xs[0])
+    )

@@ -1,4 +1,5 @@
-"""A transposed convolution that XLA's CPU backend trains faster (background model and U-Net).
+"""Layers shared by the convolutional networks: a transposed convolution that XLA's CPU backend
+trains faster (background model and U-Net), and BatchNorm with PyTorch's semantics (`BatchNorm`).
 
 `ConvTranspose` computes exactly what ``flax.linen.ConvTranspose`` computes with explicit padding
 (and ``transpose_kernel=False``), with the same parameters (``kernel`` of shape
@@ -164,3 +165,58 @@ class ConvTranspose(nn.Module):
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
         return y
+
+
+class BatchNorm(nn.Module):
+    """PyTorch ``BatchNorm2d`` (training and eval semantics) over the last axis of NHWC maps.
+
+    Same parameters (``scale``, ``bias``) and running statistics (``batch_stats``: ``mean``,
+    ``var``) as ``flax.linen.BatchNorm``, so checkpoints are interchangeable, with two differences
+    that bring it to PyTorch's numbers:
+
+    * the running variance is updated with the *unbiased* batch variance (times n / (n - 1), n =
+      the number of values per channel), as PyTorch does; Flax uses the biased one. The
+      normalisation itself uses the biased variance in both;
+    * the batch variance is computed in two passes, mean((x - mean)^2), not as
+      mean(x^2) - mean^2 (Flax's default), which loses precision when the mean is large
+      compared with the spread.
+
+    Attributes:
+      use_running_average: normalise with the running statistics (eval) instead of the batch's.
+      momentum: weight of the old running value (Flax convention: PyTorch momentum 0.1 is 0.9).
+      epsilon: added to the variance.
+      dtype: computation dtype of the output (statistics are computed in float32).
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... c"]) -> Float[Array, "... c"]:
+        """Normalises `x` per channel (last axis) and applies the affine transform."""
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)
+        )
+        ra_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)
+        )
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            if not self.is_initializing():
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
+                ra_var.value = m * ra_var.value + (1.0 - m) * unbiased
+        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ast_seg_jax.models import layers
+
 # ImageNet statistics used by the Hugging Face SegformerImageProcessor (RGB order).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -531,7 +533,7 @@ class SegformerDecodeHead(nn.Module):
             dtype=self.dtype,
             name="linear_fuse",
         )(x)
-        x = nn.BatchNorm(
+        x = layers.BatchNorm(  # PyTorch semantics: unbiased running variance.
             use_running_average=not train,
             momentum=0.9,
             epsilon=1e-5,

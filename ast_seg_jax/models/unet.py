@@ -54,8 +54,9 @@ def unet_widths(image_hw: Sequence[int], width: float = 1.0) -> tuple[int, ...]:
     return tuple(max(8, round(c * width)) for c in widths)
 
 
-def _batch_norm(train: bool, name: str, dtype: Any = jnp.float32) -> nn.BatchNorm:
-    return nn.BatchNorm(
+def _batch_norm(train: bool, name: str, dtype: Any = jnp.float32) -> layers.BatchNorm:
+    # PyTorch semantics (unbiased running variance): see layers.BatchNorm.
+    return layers.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
