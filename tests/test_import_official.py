@@ -19,8 +19,8 @@ from conftest import checkpoint_steps, smoke_config
 from PIL import Image
 
 from ast_seg_jax import checkpointing
+from ast_seg_jax import official_files as import_official
 from ast_seg_jax.official import load_official, official_constants, official_shapes
-from experiments import import_official
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 IMPORTED_STEP = 7
