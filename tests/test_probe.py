@@ -55,10 +55,12 @@ def test_gradient_of_the_softmax_loss_is_exact():
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
 
 
-def test_probe_on_the_built_in_scenes_reads_shapes_from_an_oracle(data_dir):
+def test_probe_on_the_built_in_scenes_reads_shapes_from_an_oracle(smoke_run):
     """Slots that are the true objects, with the one-hot kind as z_what, score 100 %."""
     config = shapes.get_config("tiny")
-    config.data.data_dir = data_dir
+    config.data.data_dir = (
+        smoke_run.data_dir
+    )  # The session's tiny dataset, already built.
     assert probe.has_shape_labels(config.data)
     assert not probe.has_shape_labels(ml_collections.ConfigDict({"name": "folder"}))
     examples = list(probe.shape_examples(config.data, "test", 40))
