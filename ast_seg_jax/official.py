@@ -90,13 +90,8 @@ _UNET_MODULES = (
     (r"final_conv", r"conv1x1"),
 )
 
-_LEAF_NAMES = {
-    "kernel": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
-}
+# The same leaf names as PyTorch's modules (kernel -> weight, BatchNorm mean -> running_mean, ...).
+_LEAF_NAMES = pretrained.FLAX_TO_TORCH_LEAF
 
 
 # ------------------------------------------------------------------------------------------------

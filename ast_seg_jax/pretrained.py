@@ -100,7 +100,7 @@ _FLAX_TO_HF_MODULE = (
     (r"(linear_fuse|batch_norm|classifier)", r"decode_head.\1"),
 )
 
-_FLAX_TO_HF_LEAF = {
+FLAX_TO_TORCH_LEAF = {
     "kernel": "weight",
     "scale": "weight",
     "bias": "bias",
@@ -126,7 +126,7 @@ def hf_name(path: tuple[str, ...], *, head: bool = False) -> str:
         name = match.expand(template)
         if name.startswith("decode_head.") != head:
             continue
-        return f"{name}.{_FLAX_TO_HF_LEAF[path[-1]]}"
+        return f"{name}.{FLAX_TO_TORCH_LEAF[path[-1]]}"
     raise ValueError(f"No Hugging Face name for the Flax parameter {'/'.join(path)}.")
 
 

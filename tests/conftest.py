@@ -311,3 +311,21 @@ def crash_before_foreground_step(monkeypatch, step: int) -> None:
         return batch
 
     intercept_foreground_batches(monkeypatch, hook)
+
+
+def hf_segformer_json(config) -> dict:
+    """The Hugging Face `config.json` of a Segformer encoder with the architecture of `config`
+    (an `ast_seg_jax.models.segformer.SegformerConfig`)."""
+    return {
+        "architectures": ["SegformerForImageClassification"],
+        "model_type": "segformer",
+        "depths": list(config.depths),
+        "hidden_sizes": list(config.hidden_sizes),
+        "num_attention_heads": list(config.num_heads),
+        "sr_ratios": list(config.sr_ratios),
+        "patch_sizes": list(config.patch_sizes),
+        "strides": list(config.strides),
+        "mlp_ratios": list(config.mlp_ratio),
+        "decoder_hidden_size": config.decoder_hidden_size,
+        "layer_norm_eps": 1e-6,
+    }

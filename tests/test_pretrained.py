@@ -11,6 +11,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from conftest import hf_segformer_json
 
 from ast_seg_jax import pretrained
 from ast_seg_jax.models import segformer as sf
@@ -27,22 +28,6 @@ def _tiny_config(**kwargs) -> sf.SegformerConfig:
     return sf.SegformerConfig(**{**TINY, **kwargs})
 
 
-def _hf_json(config: sf.SegformerConfig) -> dict:
-    return {
-        "architectures": ["SegformerForImageClassification"],
-        "model_type": "segformer",
-        "depths": list(config.depths),
-        "hidden_sizes": list(config.hidden_sizes),
-        "num_attention_heads": list(config.num_heads),
-        "sr_ratios": list(config.sr_ratios),
-        "patch_sizes": list(config.patch_sizes),
-        "strides": list(config.strides),
-        "mlp_ratios": list(config.mlp_ratio),
-        "decoder_hidden_size": config.decoder_hidden_size,
-        "layer_norm_eps": 1e-6,
-    }
-
-
 def _random_encoder_params(config: sf.SegformerConfig, seed: int = 0):
     shapes = jax.eval_shape(
         lambda: sf.SegformerEncoder(config).init(
@@ -57,7 +42,9 @@ def _random_encoder_params(config: sf.SegformerConfig, seed: int = 0):
 
 def _write_checkpoint(path, config, state, *, torch_format=False, json_dict=None):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(json_dict or _hf_json(config)))
+    (path / "config.json").write_text(
+        json.dumps(json_dict or hf_segformer_json(config))
+    )
     if torch_format:
         tensors = {
             k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()

@@ -14,7 +14,7 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO, smoke_config
+from conftest import REPO, hf_segformer_json, smoke_config
 from PIL import Image
 
 from ast_seg_jax import checkpointing, cli, image_io, inference, preflight, trainer
@@ -144,23 +144,7 @@ def _hf_dir(path, weights: bytes | None):
 
     config = SegformerConfig.preset("b0")
     path.mkdir()
-    (path / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["SegformerForImageClassification"],
-                "model_type": "segformer",
-                "depths": list(config.depths),
-                "hidden_sizes": list(config.hidden_sizes),
-                "num_attention_heads": list(config.num_heads),
-                "sr_ratios": list(config.sr_ratios),
-                "patch_sizes": list(config.patch_sizes),
-                "strides": list(config.strides),
-                "mlp_ratios": list(config.mlp_ratio),
-                "decoder_hidden_size": config.decoder_hidden_size,
-                "layer_norm_eps": 1e-6,
-            }
-        )
-    )
+    (path / "config.json").write_text(json.dumps(hf_segformer_json(config)))
     if weights is not None:
         (path / "model.safetensors").write_bytes(weights)
     return str(path)
