@@ -332,6 +332,9 @@ def foreground_train_step(
         pix = losses.pixel_entropy_loss(out.weights).mean()
         obj = losses.object_entropy_loss(out.weights).mean()
         total = rec + entropy_weight * pix + object_weight * obj
+        if out.mask_distillation is not None:
+            distillation_weight = config.get("mask_distillation_weight", 0.0)
+            total = total + distillation_weight * out.mask_distillation.mean()
         return total, (rec, pix, obj, new_vars.get("batch_stats", {}), out)
 
     (loss, (rec, pix, obj, batch_stats, out)), grads = jax.value_and_grad(
@@ -355,6 +358,11 @@ def foreground_train_step(
         "pixel_entropy_loss": pix,
         "pixel_entropy_weight": entropy_weight,
         "object_entropy_loss": obj,
+        **(
+            {"mask_distillation_loss": out.mask_distillation.mean()}
+            if out.mask_distillation is not None
+            else {}
+        ),
         "learning_rate": lr,
         "l2_grads": grad_norm,
         "l2_params": param_norm,

@@ -57,6 +57,8 @@ class ModelOutput:
       scale: [b, k, 2] inverse scales (s_x, s_y); the object spans [x - 1/s_x, x + 1/s_x].
       activation_logit: [b, k] log of the per-slot activation alpha_k.
       z_what: [b, k, z] appearance vectors fed to the glimpse generator.
+      mask_distillation: [b] loss of the decoded masks against the window masks
+        (``glimpse_mask='window'``), None otherwise.
     """
 
     reconstruction: Float[Array, "b h w 3"]
@@ -68,3 +70,4 @@ class ModelOutput:
     scale: Float[Array, "b k 2"]
     activation_logit: Float[Array, "b k"]
     z_what: Float[Array, "b k z"]
+    mask_distillation: Float[Array, " b"] | None = None

@@ -13,7 +13,8 @@ from ast_seg_jax.models.ast_model import decode_latents, suppress_taken_position
 from ast_seg_jax.models.crop_encoder import CropEncoder
 from ast_seg_jax.models.segformer import SegformerConfig
 from ast_seg_jax.models.soft_argmax import soft_argmax
-from ast_seg_jax.models.spatial_transformer import extract_glimpses
+from ast_seg_jax.models.spatial_transformer import extract_glimpses, place_glimpses
+from ast_seg_jax.models.window_mask import WindowMask
 from ast_seg_jax.typing import ModelOutput
 
 B, HW, K, Z = 2, (32, 32), 3, 8
@@ -609,3 +610,110 @@ def test_build_model_appearance_encoder():
         build_model(_model_config(glimpse_width=0.0), (64, 64))
     with pytest.raises(ValueError, match="appearance_encoder"):
         build_model(_model_config(appearance_encoder="box"), (64, 64))
+
+
+def test_window_mask_draws_the_mask_from_the_windows():
+    model, variables, out, inter = _eval(glimpse_mask="window")
+    params = variables["params"]
+    assert set(params["window_mask"]) == {"conv_0", "conv_1", "conv_2", "readout"}
+    # The same weights without the window network: the official model, same colours, decoded masks.
+    plain = {k: v for k, v in params.items() if k != "window_mask"}
+    decoded, plain_inter = jax.jit(
+        lambda v: tiny_ast().apply(v, _images(), train=False, mutable=["intermediates"])
+    )({**variables, "params": plain})
+    for name in ("xy", "scale", "activation_logit", "z_what", "background"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(out, name)),
+            np.asarray(getattr(decoded, name)),
+            atol=1e-6,
+        )
+    assert decoded.mask_distillation is None
+    glimpses = inter["glimpses"][0]
+    plain_glimpses = plain_inter["intermediates"]["glimpses"][0]
+    np.testing.assert_allclose(
+        np.asarray(glimpses[..., :3]), np.asarray(plain_glimpses[..., :3]), atol=1e-6
+    )
+    # By hand: mask = sigmoid(WindowMask(image window, background window, decoded colour)).
+    g = model.resolved_glimpse_size
+    windows = extract_glimpses(_images(), out.xy, out.scale, g).reshape(B * K, g, g, 3)
+    background_windows = extract_glimpses(out.background, out.xy, out.scale, g)
+    colour = plain_glimpses[..., :3].reshape(B * K, g, g, 3)
+    logits = (
+        WindowMask(model.window_mask_width)
+        .apply(
+            {"params": params["window_mask"]},
+            windows,
+            background_windows.reshape(B * K, g, g, 3),
+            colour,
+        )
+        .reshape(B, K, g, g)
+    )
+    want = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+    np.testing.assert_allclose(np.asarray(glimpses[..., 3]), want, atol=2e-5)
+    decoded_mask = np.asarray(plain_glimpses[..., 3], np.float64)
+    assert np.abs(want - decoded_mask).max() > 1e-2
+    # The placed masks are the window masks.
+    placed = place_glimpses(glimpses, out.xy, out.scale, HW)
+    np.testing.assert_allclose(
+        np.asarray(out.masks), np.asarray(placed[..., 3]), atol=1e-6
+    )
+    # The distillation loss is the decoded masks' cross-entropy against the window masks.
+    bce = -(want * np.log(decoded_mask) + (1 - want) * np.log1p(-decoded_mask))
+    np.testing.assert_allclose(
+        np.asarray(out.mask_distillation), bce.mean(axis=(1, 2, 3)), rtol=1e-4
+    )
+
+
+def test_window_mask_starts_at_one_half_and_distils_into_the_decoder():
+    model = tiny_ast(glimpse_mask="window", use_transformer=False)
+    variables = jax.jit(lambda key: model.init(key, _images(), train=False))(
+        jax.random.key(0, impl="unsafe_rbg")
+    )
+    params = variables["params"]
+    assert not np.asarray(params["window_mask"]["readout"]["kernel"]).any()
+    _, inter = model.apply(variables, _images(), train=False, mutable=["intermediates"])
+    np.testing.assert_allclose(
+        np.asarray(inter["intermediates"]["glimpses"][0][..., 3]), 0.5, atol=1e-6
+    )
+
+    def distillation(params):
+        return model.apply(
+            {**variables, "params": params}, _images(), train=False
+        ).mask_distillation.sum()
+
+    grad = jax.jit(jax.grad(distillation))(variables["params"])
+    # The target carries no gradient: the window network does not learn from this loss, the
+    # glimpse generator does.
+    for leaf in jax.tree_util.tree_leaves(grad["window_mask"]):
+        assert not np.asarray(leaf).any()
+    assert (
+        max(
+            np.abs(np.asarray(x)).max()
+            for x in jax.tree_util.tree_leaves(grad["glimpse_generator"])
+        )
+        > 0
+    )
+
+
+def test_build_model_glimpse_mask():
+    assert build_model(_model_config(flat_colour=True), (64, 64)).flat_colour
+    assert build_model(_model_config(), (64, 64)).glimpse_mask == "decoded"
+    model = build_model(
+        _model_config(glimpse_mask="window", window_mask_width=8), (64, 64)
+    )
+    assert (model.glimpse_mask, model.window_mask_width) == ("window", 8)
+    with pytest.raises(ValueError, match="glimpse_mask"):
+        build_model(_model_config(glimpse_mask="box"), (64, 64))
+    with pytest.raises(ValueError, match="window_mask_width"):
+        build_model(_model_config(window_mask_width=0), (64, 64))
+
+
+def test_flat_colour_paints_each_glimpse_in_its_mean_colour():
+    _, _, _, inter = _eval(glimpse_mask="window", flat_colour=True)
+    _, _, _, plain = _eval(glimpse_mask="window")
+    flat, decoded = inter["glimpses"][0], plain["glimpses"][0]
+    want = np.asarray(decoded[..., :3]).mean(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(
+        np.asarray(flat[..., :3]), np.broadcast_to(want, flat[..., :3].shape), atol=1e-6
+    )
+    assert np.asarray(decoded[..., :3]).std(axis=(2, 3)).min() > 1e-4

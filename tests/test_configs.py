@@ -60,9 +60,16 @@ def test_shapes_paper_variant_switches_off_every_extension():
 
     default, paper = shapes.get_config(), shapes.get_config("paper")
     official = importlib.import_module("experiments.configs.base").get_config()
-    for key in ("transformer_residual", "slot_suppression_sigma", "appearance_encoder"):
+    for key in (
+        "transformer_residual",
+        "slot_suppression_sigma",
+        "appearance_encoder",
+        "glimpse_mask",
+        "flat_colour",
+    ):
         assert paper.model[key] == official.model[key], key
-    assert paper.object_entropy_weight == official.object_entropy_weight
+    for key in ("object_entropy_weight", "mask_distillation_weight"):
+        assert paper[key] == official[key], key
     # Everything else (sizes, budget) is the default's.
     assert paper.num_train_steps == default.num_train_steps
     assert paper.model.unet_width == default.model.unet_width

@@ -89,7 +89,9 @@ def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(workdir / "eval" / "test" / "metrics.json") as f:
         results = json.load(f)
-    # All background (or one blob) scores 0. On the dataset's version 1.1.0 (1..4 objects) this command
-    # measured 0.652 (mIoU 60.4) in 7.1 min on 2 cores (AMD EPYC); on 1.2.0 (2..4 objects) the full
-    # command measured 0.774 (seed 0).
-    assert results["ari_fg"] > 0.5, results
+    # All background scores 0. With the window masks and one-colour glimpses (the present config) this
+    # command measured ARI-FG 0.850 and mIoU (fg) 0.758 on dataset 1.2.0 (2 shared cores, 2026-12-05);
+    # the config before them (decoded blob masks) reached about 0.65 and 0.60 on the shortened command
+    # and 0.756-0.774 and 0.558-0.648 on the full one: the mIoU bound tells the two apart.
+    assert results["ari_fg"] > 0.75, results
+    assert results["miou"] > 0.68, results

@@ -27,7 +27,12 @@ Forward pass (ast_model.md section 0):
    shifts the glimpse within the window (by at most half its half-extent) to centre it on the
    object.
 5. The glimpse generator turns each z_what into an RGBA glimpse; ``place_glimpses`` puts it
-   on the image canvas at (x, y) with half-extent 1/s.
+   on the image canvas at (x, y) with half-extent 1/s. With ``glimpse_mask='window'`` (not in
+   the official code) the mask is drawn by ``window_mask.WindowMask`` from the window of the
+   image (and of the background) that the glimpse covers, and the output carries
+   ``mask_distillation``, the loss that trains the decoded mask towards the window mask. With
+   ``flat_colour`` (not in the official code) each glimpse is painted in the mean of its
+   decoded colours, so that a slot cannot draw two objects of different colours.
 6. ``composite`` over the background (given, e.g. precomputed, or computed live by
    ``background_model``) with background activation exp(background_logit).
 
@@ -58,7 +63,9 @@ Deviations from the official code: the transformer layers are initialised indepe
 (paper ablation, not a code option there) decodes the pooled tokens directly;
 ``transformer_residual=True`` (off by default) is the residual read-out of step 3;
 ``slot_suppression_sigma > 0`` (off by default) is the suppression of step 2;
-``appearance_encoder='crop'`` (off by default) is the crop encoder of step 4; the
+``appearance_encoder='crop'`` (off by default) is the crop encoder of step 4;
+``glimpse_mask='window'`` and ``flat_colour`` (off by default) are the window mask and the
+one-colour glimpses of step 5; the
 natural-video option ``variable_background_activation`` (a learned per-pixel background
 logit map) is not implemented. Everything else follows ast_model.md sections 0-3.
 """
@@ -79,10 +86,12 @@ from ast_seg_jax.models.soft_argmax import attention_pool, position_grid, soft_a
 from ast_seg_jax.models.spatial_transformer import extract_glimpses, place_glimpses
 from ast_seg_jax.models.transformer import TransformerEncoder, torch_dense
 from ast_seg_jax.models.unet import UNet
+from ast_seg_jax.models.window_mask import WindowMask, mask_distillation_loss
 from ast_seg_jax.typing import ModelOutput
 
 FEATURE_GENERATORS = ("segformer", "unet")
 APPEARANCE_ENCODERS = ("pooled", "crop")
+GLIMPSE_MASKS = ("decoded", "window")
 
 
 class AST(nn.Module):
@@ -109,6 +118,11 @@ class AST(nn.Module):
         (z_what is encoded from the slot's window of the image; step 4).
       crop_encoder_width: channels of the crop encoder's first convolutions.
       glimpse_width: multiplier of the glimpse generator's hidden channels (1.0: official).
+      glimpse_mask: "decoded" (official: the mask is the glimpse generator's) or "window" (the
+        mask is read from the slot's window of the image; step 5).
+      window_mask_width: hidden channels of that network.
+      flat_colour: paint each glimpse in one colour, the mean of its decoded colours (not
+        official; step 5).
       transformer_layers, transformer_dim, transformer_heads, transformer_mlp_dim,
         transformer_dropout: transformer encoder hyper-parameters.
       min_scale, max_scale: range of the inverse scales s (object half-extent 1/s).
@@ -138,6 +152,9 @@ class AST(nn.Module):
     appearance_encoder: str = "pooled"
     crop_encoder_width: int = 32
     glimpse_width: float = 1.0
+    glimpse_mask: str = "decoded"
+    window_mask_width: int = 32
+    flat_colour: bool = False
     transformer_layers: int = 6
     transformer_dim: int = 256
     transformer_heads: int = 8
@@ -299,15 +316,6 @@ class AST(nn.Module):
                 f"appearance_encoder must be one of {APPEARANCE_ENCODERS}, got "
                 f"{self.appearance_encoder!r}."
             )
-        glimpses = GlimpseGenerator(
-            g, self.dtype, self.glimpse_width, name="glimpse_generator"
-        )(z_what.reshape(b * k, self.z_what_dim)).reshape(b, k, g, g, 4)
-        if not train:
-            self.sow("intermediates", "glimpses", glimpses)
-        placed = place_glimpses(glimpses, xy, scale, tuple(self.image_hw))
-        layers, masks = placed[..., :3], placed[..., 3]  # [b,k,H,W,3], [b,k,H,W]
-
-        # 6. Compositing over the background.
         background_model = BackgroundAutoencoder(
             tuple(self.image_hw),
             self.background_complexity,
@@ -320,6 +328,47 @@ class AST(nn.Module):
         elif self.is_initializing():
             # Create the background parameters too, so that init returns the full tree.
             background_model(image)
+        glimpses = GlimpseGenerator(
+            g, self.dtype, self.glimpse_width, name="glimpse_generator"
+        )(z_what.reshape(b * k, self.z_what_dim), logits=True).reshape(b, k, g, g, 4)
+        colour = jax.nn.sigmoid(glimpses[..., :3])
+        if self.flat_colour:
+            colour = jnp.broadcast_to(
+                jnp.mean(colour, axis=(2, 3), keepdims=True), colour.shape
+            )
+        decoded_logit = glimpses[..., 3]
+        mask_distillation = None
+        if self.glimpse_mask == "window":
+            # The windows the glimpses will cover, pixel for pixel; no gradient through them.
+            fixed_xy, fixed_scale = jax.lax.stop_gradient((xy, scale))
+            windows = extract_glimpses(image, fixed_xy, fixed_scale, g)
+            background_windows = extract_glimpses(
+                jax.lax.stop_gradient(background), fixed_xy, fixed_scale, g
+            )
+            window_logit = WindowMask(
+                self.window_mask_width, dtype=self.dtype, name="window_mask"
+            )(
+                windows.reshape(b * k, g, g, 3),
+                background_windows.reshape(b * k, g, g, 3),
+                jax.lax.stop_gradient(colour).reshape(b * k, g, g, 3),
+            ).reshape(b, k, g, g)
+            # The decoded mask learns from the window mask but does not feed it: a sum of the two
+            # logits, distilled into one of its own terms, drove every mask to zero in a trial.
+            mask = jax.nn.sigmoid(window_logit)
+            mask_distillation = mask_distillation_loss(decoded_logit, mask)
+        elif self.glimpse_mask == "decoded":
+            mask = jax.nn.sigmoid(decoded_logit)
+        else:
+            raise ValueError(
+                f"glimpse_mask must be one of {GLIMPSE_MASKS}, got {self.glimpse_mask!r}."
+            )
+        glimpses = jnp.concatenate([colour, mask[..., None]], axis=-1)
+        if not train:
+            self.sow("intermediates", "glimpses", glimpses)
+        placed = place_glimpses(glimpses, xy, scale, tuple(self.image_hw))
+        layers, masks = placed[..., :3], placed[..., 3]  # [b,k,H,W,3], [b,k,H,W]
+
+        # 6. Compositing over the background.
         background_logit = self.param(
             "background_logit",
             nn.initializers.constant(self.background_logit_init),
@@ -339,6 +388,7 @@ class AST(nn.Module):
             scale=scale,
             activation_logit=activation_logit,
             z_what=z_what,
+            mask_distillation=mask_distillation,
         )
 
 

@@ -11,7 +11,8 @@ are optional, so that configs saved before they existed still build: unet_width 
 absent), compute_dtype ('float32' when absent; 'bfloat16' runs the convolutional networks in
 mixed precision) and transformer_residual (False when absent); so are the later
 slot_suppression_sigma / slot_suppression_strength (0 / 1000), appearance_encoder ('pooled')
-crop_encoder_width (32) and glimpse_width (1.0).
+crop_encoder_width (32), glimpse_width (1.0), glimpse_mask ('decoded'), window_mask_width
+(32) and flat_colour (False).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
@@ -24,7 +25,12 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from ast_seg_jax.models.ast_model import APPEARANCE_ENCODERS, AST, FEATURE_GENERATORS
+from ast_seg_jax.models.ast_model import (
+    APPEARANCE_ENCODERS,
+    AST,
+    FEATURE_GENERATORS,
+    GLIMPSE_MASKS,
+)
 from ast_seg_jax.models.background import BackgroundAutoencoder
 from ast_seg_jax.models.glimpse import GLIMPSE_SIZES
 from ast_seg_jax.models.segformer import SegformerConfig
@@ -141,6 +147,15 @@ def build_model(
         raise ValueError(
             f"config.model.crop_encoder_width must be >= 1, got {m.crop_encoder_width}."
         )
+    glimpse_mask = m.get("glimpse_mask", "decoded")
+    if glimpse_mask not in GLIMPSE_MASKS:
+        raise ValueError(
+            f"config.model.glimpse_mask must be one of {GLIMPSE_MASKS}, got {glimpse_mask!r}."
+        )
+    if m.get("window_mask_width", 32) < 1:
+        raise ValueError(
+            f"config.model.window_mask_width must be >= 1, got {m.window_mask_width}."
+        )
     if m.get("glimpse_width", 1.0) <= 0:
         raise ValueError(
             f"config.model.glimpse_width must be > 0, got {m.glimpse_width}."
@@ -187,6 +202,9 @@ def build_model(
         appearance_encoder=appearance_encoder,
         crop_encoder_width=int(m.get("crop_encoder_width", 32)),
         glimpse_width=float(m.get("glimpse_width", 1.0)),
+        glimpse_mask=glimpse_mask,
+        window_mask_width=int(m.get("window_mask_width", 32)),
+        flat_colour=bool(m.get("flat_colour", False)),
         transformer_layers=int(m.transformer_layers),
         transformer_dim=int(m.transformer_dim),
         transformer_heads=int(m.transformer_heads),

@@ -70,14 +70,18 @@ class GlimpseGenerator(nn.Module):
     width: float = 1.0
 
     @nn.compact
-    def __call__(self, z_what: Float[Array, "n z"]) -> Float[Array, "n g g 4"]:
+    def __call__(
+        self, z_what: Float[Array, "n z"], logits: bool = False
+    ) -> Float[Array, "n g g 4"]:
         """Generates one glimpse per latent.
 
         Args:
           z_what: [n, z] appearance latents.
+          logits: return the last layer's output before the sigmoid.
 
         Returns:
-          [n, g, g, 4] in (0, 1): channels 0-2 the object colour, channel 3 its mask.
+          [n, g, g, 4] in (0, 1): channels 0-2 the object colour, channel 3 its mask (their logits
+          when ``logits`` is set).
         """
         if self.glimpse_size not in GLIMPSE_SIZES:
             raise ValueError(
@@ -112,4 +116,5 @@ class GlimpseGenerator(nn.Module):
                 )(x)
                 x = nn.celu(x)
                 channels //= 2
-        return nn.sigmoid(x.astype(jnp.float32))
+        x = x.astype(jnp.float32)
+        return x if logits else nn.sigmoid(x)

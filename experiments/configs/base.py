@@ -93,6 +93,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.glimpse_size = 0  # 0: 32 for images <= 64, 64 for <= 128, 128 above.
     # Multiplier of the glimpse generator's hidden channels (1.0: official).
     config.model.glimpse_width = 1.0
+    # Where the glimpse's mask comes from: 'decoded' (official) is the glimpse generator's; 'window'
+    # (not official) is drawn by a small CNN from the window of the image and of the background that
+    # the glimpse covers (ast_seg_jax/models/window_mask.py).
+    config.model.glimpse_mask = "decoded"
+    config.model.window_mask_width = 32  # Hidden channels of that CNN.
+    # True (not official): each glimpse is painted in one colour, the mean of its decoded colours.
+    config.model.flat_colour = False
     # Computation dtype of the feature generator, glimpse generator and background networks:
     # float32 (official), or bfloat16 for mixed precision (parameters, optimiser, transformer,
     # soft-argmax, compositing and losses stay float32). See the README's benchmark section.
@@ -139,6 +146,10 @@ def get_config() -> ml_collections.ConfigDict:
     # code's first version (weight 3e-4, quadratic warm-up over 5,000 steps); version 2 dropped it: 0.
     config.object_entropy_weight = 0.0
     config.object_entropy_warmup_steps = 5_000
+    # With model.glimpse_mask='window' (not official): weight of the binary cross-entropy that trains
+    # the glimpse generator's decoded mask towards the window mask, so that z_what keeps the
+    # object's shape. 0: off.
+    config.mask_distillation_weight = 0.0
 
     # ---- Logging, evaluation, checkpoints ----
     config.log_loss_every_steps = 100
