@@ -46,6 +46,8 @@ from ast_seg_jax.models.build import build_background_model, build_model
 from ast_seg_jax.typing import BACKGROUND, IMAGE, INDEX, VALID
 
 PRECOMPUTED_FILE = "train_backgrounds.npy"
+# The background autoencoder's top-level parameter group in the AST model (frozen in phase 2).
+BACKGROUND_PARAMS = "background_model"
 # Written when config.record_example_ids is set: one line "step id id ..." per optimiser step.
 EXAMPLE_IDS_FILES = {
     curriculum.PHASE_BACKGROUND: "example_ids_background.txt",
@@ -317,7 +319,7 @@ def foreground_train_step(
                 background = batch[BACKGROUND]
             else:
                 rgba = background_model.apply(
-                    {"params": params["background_model"]}, image
+                    {"params": params[BACKGROUND_PARAMS]}, image
                 )
                 background = jax.lax.stop_gradient(rgba[..., :3])
         out, new_vars = model.apply(
@@ -334,16 +336,18 @@ def foreground_train_step(
         total = rec + entropy_weight * pix + object_weight * obj
         return total, (rec, pix, obj, new_vars.get("batch_stats", {}), out)
 
+    # Phase 2 differentiates and updates the foreground groups only: the frozen background's gradients
+    # would be zeros, and Adam over its parameters would leave them and its zero moments unchanged.
+    frozen = (BACKGROUND_PARAMS,) if phase == curriculum.PHASE_FOREGROUND else ()
+    held = {k: state.params[k] for k in frozen}
+    trainable = {k: v for k, v in state.params.items() if k not in frozen}
     (loss, (rec, pix, obj, batch_stats, out)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True
-    )(state.params)
+        lambda p: loss_fn({**p, **held}), has_aux=True
+    )(trainable)
     tx = optim.foreground_optimizer(config)
     opt_state = optim.with_learning_rate(state.opt_state, lr)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if phase == curriculum.PHASE_FOREGROUND:
-        # Frozen in phase 2, whatever the optimiser would do to zero gradients.
-        params = {**params, "background_model": state.params["background_model"]}
+    updates, opt_state = optim.update_except(tx, grads, opt_state, state.params, frozen)
+    params = {**optax.apply_updates(trainable, updates), **held}
 
     grad_norm = _tree_norm(grads)
     param_norm = _tree_norm(params)
@@ -668,7 +672,7 @@ def create_foreground_state(config, model, background_params, rng):
     variables = init_variables(model, tuple(config.data.image_size), rng, train=False)
     params = dict(variables["params"])
     if background_params is not None:
-        params["background_model"] = background_params
+        params[BACKGROUND_PARAMS] = background_params
     if config.model.pretrained_encoder:
         if config.model.feature_generator != "segformer":
             raise ValueError(
@@ -729,7 +733,7 @@ def _foreground_loop(
     uses_phase2 = curriculum.phase_of(start, config) == curriculum.PHASE_FOREGROUND
     if uses_phase2 and config.background.precompute:
         precomputed = precompute_backgrounds(
-            config, workdir, mesh, background_model, state.params["background_model"]
+            config, workdir, mesh, background_model, state.params[BACKGROUND_PARAMS]
         )
     # One jitted step per phase (the phase is a static flag: where the background comes from).
     steps = {
