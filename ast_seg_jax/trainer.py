@@ -248,8 +248,23 @@ def load_pretrained_encoder(params, checkpoint_dir: str):
     return params
 
 
-def _tree_norm(tree):
-    return optax.global_norm(tree)
+def _tree_norms(with_norms, *trees):
+    """The global L2 norm of each of `trees`, or zeros when `with_norms` is false.
+
+    `with_norms` is a Python bool or a traced boolean scalar. Traced, the norms are computed inside a
+    `lax.cond` branch, so that a step whose metrics nobody reads (between logging and checkpoint steps)
+    does not sum the squares of every gradient, parameter and update.
+    """
+
+    def compute(trees):
+        return tuple(optax.global_norm(tree) for tree in trees)
+
+    def skip(trees):
+        return tuple(jnp.zeros((), jnp.float32) for _ in trees)
+
+    if isinstance(with_norms, bool):
+        return compute(trees) if with_norms else skip(trees)
+    return jax.lax.cond(with_norms, compute, skip, trees)
 
 
 def _all_finite(*scalars):
@@ -257,12 +272,25 @@ def _all_finite(*scalars):
     return jnp.all(jnp.isfinite(jnp.stack(scalars)))
 
 
+@jax.jit
+def _tree_finite(tree):
+    """True when every array of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Steps (pure functions; static collaborators bound with functools.partial).
 
 
-def background_train_step(state: train_state.TrainState, batch, *, model, config):
-    """One phase-1 step: the AE-NE robust loss on the background autoencoder."""
+def background_train_step(
+    state: train_state.TrainState, batch, with_norms=True, *, model, config
+):
+    """One phase-1 step: the AE-NE robust loss on the background autoencoder.
+
+    `with_norms` (a bool, or a traced boolean scalar for one compiled step) says whether the step computes
+    the gradient and parameter norms; without them they are reported as 0 and `is_finite` checks the loss
+    only (a non-finite gradient makes the parameters non-finite, which the next step with norms sees).
+    """
     image = batch[IMAGE]
     lr = curriculum.background_learning_rate(state.step, config)
     beta = curriculum.background_loss_beta(state.step, config)
@@ -276,8 +304,7 @@ def background_train_step(state: train_state.TrainState, batch, *, model, config
     opt_state = optim.with_learning_rate(state.opt_state, lr)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = _tree_norm(grads)
-    param_norm = _tree_norm(params)
+    grad_norm, param_norm = _tree_norms(with_norms, grads, params)
     metrics = {
         "loss": loss,
         "learning_rate": lr,
@@ -293,6 +320,7 @@ def background_train_step(state: train_state.TrainState, batch, *, model, config
 def foreground_train_step(
     state: train_state.TrainState,
     batch,
+    with_norms=True,
     *,
     model,
     background_model,
@@ -303,7 +331,8 @@ def foreground_train_step(
 
     Phase 2: the background comes from `batch['background']` (precomputed) or from the frozen background
     network run under stop_gradient; background parameters do not change. Phase 3: the model runs its
-    background network live and every parameter trains.
+    background network live and every parameter trains. `with_norms` as in `background_train_step` (the
+    update norm too).
     """
     image = batch[IMAGE]
     step = state.step
@@ -349,8 +378,7 @@ def foreground_train_step(
     updates, opt_state = optim.update_except(tx, grads, opt_state, state.params, frozen)
     params = {**optax.apply_updates(trainable, updates), **held}
 
-    grad_norm = _tree_norm(grads)
-    param_norm = _tree_norm(params)
+    grad_norm, param_norm, update_norm = _tree_norms(with_norms, grads, params, updates)
     # A slot counts as active if its weight reaches 1e-3 somewhere in the batch (official statistic).
     slot_max = jnp.max(out.weights[:, 1:], axis=(0, 2, 3))
     metrics = {
@@ -362,7 +390,7 @@ def foreground_train_step(
         "learning_rate": lr,
         "l2_grads": grad_norm,
         "l2_params": param_norm,
-        "l2_updates": _tree_norm(updates),
+        "l2_updates": update_norm,
         "active_slots": jnp.sum(slot_max >= 1e-3),
         "mse": jnp.mean(jnp.sum((out.reconstruction - image) ** 2, axis=(1, 2, 3))),
         "is_finite": _all_finite(loss, grad_norm, param_norm),
@@ -468,7 +496,10 @@ class LoopControl:
     The finiteness flag of every step is folded into one device scalar, so steps between two checks
     do not wait for the host; it is read whenever the loop logs, saves or stops. A checkpoint is only
     written after that read says every step since the last check was finite, so no NaN ever reaches
-    a checkpoint.
+    a checkpoint. Only the steps that log or save compute the gradient and parameter norms
+    (`needs_norms`); the others check their loss, and a non-finite gradient makes the parameters
+    non-finite, which the next step with norms sees (a stop after a step without them checks the
+    parameters before saving them).
     """
 
     def __init__(self, name, config, mngr, writer, stop, start: int, total: int):
@@ -480,6 +511,13 @@ class LoopControl:
         self.progress = Progress(writer, name, total, start)
         self.last_good = start
         self.finite = jnp.asarray(True)
+
+    def needs_norms(self, done: int) -> bool:
+        """Whether the step that makes `done` steps must compute the gradient, parameter and update
+        norms: it logs them, or it saves a checkpoint whose parameters must be checked finite."""
+        return _is_time(done, self.config.log_loss_every_steps, self.total) or _is_time(
+            done, self.config.checkpoint_every_steps, self.total
+        )
 
     def after_step(self, done: int, state, metrics: dict, phase: int) -> None:
         """Bookkeeping once `done` steps are taken.
@@ -495,6 +533,9 @@ class LoopControl:
         stop_now = self.stop.requested()
         if not (log_now or save_now or stop_now):
             return
+        if not (log_now or save_now):
+            # A stop after a step without norms: check the parameters about to be saved here.
+            self.finite = jnp.logical_and(self.finite, _tree_finite(state.params))
         if not bool(self.finite):
             raise NonFiniteLossError(
                 f"{self.name}: the loss, the gradients or the parameters became NaN or infinite "
@@ -560,7 +601,9 @@ def train_background(
                 batch = next(batches)
                 ids.record(done, batch[INDEX])
                 state, metrics = step_fn(
-                    state, input_pipeline.to_global_arrays(_image_only(batch), mesh)
+                    state,
+                    input_pipeline.to_global_arrays(_image_only(batch), mesh),
+                    control.needs_norms(done),
                 )
                 control.after_step(done, state, metrics, curriculum.PHASE_BACKGROUND)
     finally:
@@ -779,7 +822,9 @@ def _foreground_loop(
                 precomputed[np.asarray(batch[INDEX])].astype(np.float32) / 255.0
             )
         state, metrics = steps[phase](
-            state, input_pipeline.to_global_arrays(host, mesh)
+            state,
+            input_pipeline.to_global_arrays(host, mesh),
+            control.needs_norms(done),
         )
         control.after_step(done, state, metrics, phase)
         if vis_batch is not None and _is_time(

@@ -21,6 +21,9 @@ What is measured, for `--phase`:
   infer  `evaluator.eval_step`: the eval-mode forward pass with the live background, then the argmax
          segmentation.
 
+The training steps run as the trainer runs them between logging and checkpoint steps, without the
+gradient, parameter and update norms (`with_norms=False`).
+
 `--batch_size` overrides the config's batch size. The step is jitted exactly as the trainer does it
 (`trainer.compile_step`: replicated, donated state; batch sharded over all devices on the axis "data"), lowered
 and compiled once (the compile time is reported), run `--warmup` times untimed, then timed over `--repeats`
@@ -435,22 +438,24 @@ def measure(
     step, first, batch, init_seconds = _setup(
         config, phase, batch_size, mesh, seed, init
     )
+    is_train = phase != "infer"
+    # A training step as the trainer runs it between logging and checkpoint steps: without the norms.
+    extra = (False,) if is_train else ()
     start = time.perf_counter()
-    lowered = step.lower(first, batch)
+    lowered = step.lower(first, batch, *extra)
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - start
     flops, bytes_accessed = _cost(compiled)
 
-    is_train = phase != "infer"
     signature_in = _signature(first) if is_train else None
 
     def run(n):
         nonlocal first
         out = None
         for _ in range(n):
-            out = compiled(first, batch)
+            out = compiled(first, batch, *extra)
             if is_train:
                 first = out[
                     0
