@@ -636,6 +636,8 @@ def main(argv):
     cli.quiet_third_party_logs()
     import jax
 
+    cli.enable_compilation_cache()
+
     kwargs = {
         "batch_size": _BATCH_SIZE.value,
         "repeats": _REPEATS.value,
