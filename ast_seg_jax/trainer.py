@@ -11,6 +11,9 @@
 Every piece resumes: rerunning the same command continues from the latest complete checkpoint of whichever
 phase the run was in. One jitted step per phase; batches are sharded over the mesh axis "data" and the state
 is replicated, so the same code runs on one CPU, several GPUs or several hosts.
+
+Importing this module, building the model and running the steps need neither TensorFlow nor CLU: they
+are imported where data is read, logs are written or the model is evaluated.
 """
 
 import functools
@@ -26,7 +29,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,7 +37,6 @@ from ast_seg_jax import (
     checkpointing,
     cli,
     curriculum,
-    evaluator,
     input_pipeline,
     losses,
     optim,
@@ -109,9 +110,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 MIN_FREE_BYTES = 1 << 30
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-    """The run's scalar and image writer: TensorBoard files in WORKDIR/logs on process 0, the absl log
-    only on the other processes (which write nothing to the workdir)."""
+def create_writer(workdir: str):
+    """The run's scalar and image writer (a `clu.metric_writers.MetricWriter`): TensorBoard files in
+    WORKDIR/logs on process 0, the absl log only on the other processes (which write nothing to the
+    workdir)."""
+    # Imported here: CLU's writers import TensorFlow, which the steps do not need.
+    from clu import metric_writers
+
     return metric_writers.create_default_writer(
         os.path.join(workdir, "logs"), just_logging=jax.process_index() != 0
     )
@@ -830,6 +835,8 @@ def _foreground_loop(
         if vis_batch is not None and _is_time(
             done, config.log_images_every_steps, total
         ):
+            from ast_seg_jax import evaluator  # Reads data (TensorFlow) and uses CLU.
+
             figure = evaluator.figure_for_batch(model, state, vis_batch, mesh)
             writer.write_images(done, {"samples": figure[None]})
     return state
@@ -916,6 +923,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             background_params,
             stop,
         )
+    from ast_seg_jax import evaluator  # As in _foreground_loop.
+
     results = evaluator.evaluate_and_write(
         config, workdir, model, evaluator.variables_of(state), mesh
     )

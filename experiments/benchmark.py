@@ -307,7 +307,7 @@ def _setup(config, phase: str, batch_size: int, mesh, seed: int, init: str):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ast_seg_jax import curriculum, evaluator, optim, train_state, trainer
+    from ast_seg_jax import curriculum, optim, train_state, trainer
     from ast_seg_jax.models.build import build_background_model, build_model
     from ast_seg_jax.typing import BACKGROUND, IMAGE
 
@@ -355,6 +355,9 @@ def _setup(config, phase: str, batch_size: int, mesh, seed: int, init: str):
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - start
     if phase == "infer":
+        # Imported here: it uses CLU, which the training phases do not need.
+        from ast_seg_jax import evaluator
+
         variables = evaluator.variables_of(state)
         step = jax.jit(functools.partial(evaluator.eval_step, model=model))
         return step, variables, random_images(), init_seconds

@@ -2,8 +2,11 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO, subprocess_env
 
 from experiments import benchmark
 from experiments.configs import objects_room
@@ -113,3 +116,57 @@ def test_bad_arguments_are_named():
         benchmark.measure(config, "1", batch_size=-4)
     with pytest.raises(ValueError, match="sweep"):
         benchmark.sweep(config, "1", "depth")
+
+
+# Run in a fresh interpreter where importing TensorFlow, TFDS or CLU fails, as on a GPU machine without them.
+_WITHOUT_TENSORFLOW = """
+import functools
+import sys
+
+for name in ("tensorflow", "tensorflow_datasets", "clu"):
+    sys.modules[name] = None  # `import name` now raises ImportError.
+
+import jax
+import jax.numpy as jnp
+
+from ast_seg_jax import curriculum, optim, train_state, trainer
+from ast_seg_jax.models.build import build_background_model, build_model
+from experiments import benchmark
+from experiments.configs import objects_room
+
+config = objects_room.get_config("tiny")
+config.data.image_size = (32, 32)
+config.model.num_slots = 2
+hw = (32, 32)
+model = build_model(config.model, hw)
+variables = benchmark.random_variables(model, hw, train=False)
+state = train_state.create(
+    variables["params"], variables.get("batch_stats", {}), optim.foreground_optimizer(config),
+    jax.random.PRNGKey(0),
+)
+step = functools.partial(
+    trainer.foreground_train_step, model=model, config=config, phase=curriculum.PHASE_JOINT,
+    background_model=build_background_model(config.model, hw),
+)
+new_state, metrics = jax.eval_shape(step, state, {"image": jnp.zeros((2, *hw, 3))})
+assert new_state.params.keys() == state.params.keys() and "loss" in metrics
+result = benchmark.measure(config, "1", batch_size=2, repeats=1, warmup=0, init="random")
+assert result["seconds_per_step"] > 0
+print("without tensorflow: ok")
+"""
+
+
+def test_steps_and_benchmark_need_no_tensorflow_or_clu():
+    """The model, the phase-3 step (traced) and a measured phase-1 step, with TensorFlow, TFDS and CLU
+    unimportable: TensorFlow is imported only where data is read, CLU where logs are written."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW],
+        cwd=REPO,
+        env=subprocess_env(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "without tensorflow: ok" in done.stdout
