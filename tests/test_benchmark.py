@@ -65,16 +65,50 @@ def test_measure_reports_every_key(phase, tmp_path):
         warmup=1,
         init="random",
         peak_override=1.0,
+        profile_dir=str(tmp_path / "trace"),
+        profile_steps=1,
     )
     _check(result, phase, 4)
-    # With a given peak the fraction is the achieved rate over it.
+    # FLOPs are counted before backend optimisation, for the global batch: about 4 times one device's
+    # share of the partitioned program (less: the optimiser runs on every device but counts once).
+    assert result["num_devices"] == 4
+    ratio = result["flops_per_step"] / (4 * result["compiled_flops_per_step"])
+    assert 0.75 < ratio < 1.05, ratio
+    # The profile names the compiled program's operations, slowest first.
+    ops = result["top_ops"]
+    assert ops and all(op["ms_per_step"] > 0 and op["opcode"] for op in ops)
+    assert [op["ms_per_step"] for op in ops] == sorted(
+        (op["ms_per_step"] for op in ops), reverse=True
+    )
+    assert "ms/step" in benchmark.format_top_ops(ops, result["seconds_per_step"])
+    # With a given peak the fraction is the achieved rate over it, for each of the 4 devices.
     assert result["peak_tflops"] == 1.0
-    assert math.isclose(result["fraction_of_peak"], result["achieved_tflops"])
+    assert math.isclose(result["fraction_of_peak"], result["achieved_tflops"] / 4)
     path = tmp_path / "out" / "bench.json"
     benchmark.write_json(str(path), result)
     assert json.loads(path.read_text())["phase"] == phase
     table = benchmark.format_table([result])
     assert len(table.splitlines()) == 2 and "s/step" in table
+
+
+def test_compile_only_reports_the_compile_and_the_flops():
+    result = benchmark.measure(
+        _tiny_config(),
+        "1",
+        batch_size=4,
+        init="random",
+        compile_only=True,
+        num_devices=1,
+    )
+    assert result["compile_seconds"] > 0 and result["num_devices"] == 1
+    # On one CPU device the count before optimisation and the compiled program's agree (the optimiser
+    # removes a few per cent: constant folding, simplifications).
+    ratio = result["flops_per_step"] / result["compiled_flops_per_step"]
+    assert 0.95 < ratio < 1.1, ratio
+    assert (
+        result["seconds_per_step"] is None and result["state_signature_stable"] is None
+    )
+    assert "n/a" in benchmark.format_table([result])
 
 
 def test_sweep_over_batch_size():
