@@ -11,6 +11,9 @@
   * the INFO logs of absl, Orbax and TFDS are off unless `--verbosity` is given (e.g. --verbosity=0);
   * a Ctrl-C outside training ends the command with status 130 and one line.
 
+`enable_compilation_cache()`, called by every launcher, keeps XLA's compiled programs between runs (see
+`compilation_cache_dir` for where, and how to move or switch it off).
+
 Importing this module is cheap (absl only): no JAX or TensorFlow.
 """
 
@@ -22,6 +25,8 @@ import traceback
 from absl import app, flags, logging
 
 DEBUG_ENV = "AST_SEG_DEBUG"
+COMPILATION_CACHE_ENV = "AST_SEG_COMPILATION_CACHE"
+_OFF = ("0", "off", "false", "no", "none")
 USER_ERROR_STATUS = 2
 # TensorFlow's C++ INFO lines (e.g. oneDNN) go when this is set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -82,6 +87,47 @@ def quiet_third_party_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+
+
+def compilation_cache_dir(environ=None) -> str | None:
+    """The directory of the persistent compilation cache that the launchers use, or None for none.
+
+    AST_SEG_COMPILATION_CACHE=PATH puts it at PATH; AST_SEG_COMPILATION_CACHE=off (or 0, false, no,
+    none) switches it off. Unset or empty: ast_seg_jax/jax_compilation_cache in the user's cache
+    directory ($XDG_CACHE_HOME, else ~/.cache).
+
+    Args:
+      environ: the environment to read (default: os.environ).
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(COMPILATION_CACHE_ENV, "").strip()
+    if value.lower() in _OFF:
+        return None
+    if value:
+        return os.path.abspath(os.path.expanduser(value))
+    base = environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(base, "ast_seg_jax", "jax_compilation_cache")
+
+
+def enable_compilation_cache(environ=None) -> str | None:
+    """Turns on JAX's persistent compilation cache (`compilation_cache_dir`); returns its directory.
+
+    A second run, a resume or a phase switch whose programs were compiled before loads them from the
+    cache instead of compiling them again (JAX keys each entry by the program, the JAX/XLA versions,
+    the device and the compiler flags, so a stale entry is never used). A directory already given to
+    JAX (JAX_COMPILATION_CACHE_DIR, or `jax.config`) is kept as it is. Call it before the first
+    compilation.
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = compilation_cache_dir(environ)
+    if path is not None:
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
 
 
 def _flag_error_message(error: BaseException, argv) -> str:

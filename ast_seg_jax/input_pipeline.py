@@ -22,23 +22,58 @@ Batches are dicts of numpy arrays (b = per-process batch = global_batch_size / j
     train_split    ['train']; eval_split ['test']  (TFDS split names; `validation` where it exists)
     shuffle_buffer examples in the shuffle buffer  [10_000]
 
-TensorFlow is hidden from every GPU as soon as this module is imported. Multi-host: process p reads the
+TensorFlow and TFDS are imported when data is first read, not when this module is imported: the model,
+the train steps and `to_global_arrays` work without them (e.g. on a GPU machine without TensorFlow).
+TensorFlow is hidden from every GPU as soon as it is imported here. Multi-host: process p reads the
 examples [p*N/P, (p+1)*N/P) of a split (TFDS sub-split, so only its own files are read).
 """
 
+import importlib
 import os
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ast_seg_jax.image_io import MAX_IMAGE_SIDE
 from ast_seg_jax.typing import IMAGE, INDEX, SEGMENTATION, VALID
 
-tf.config.set_visible_devices([], "GPU")
+
+class _LazyModule:
+    """A module imported on its first attribute access; `after_import(module)` runs once, right then.
+
+    `requires` names another `_LazyModule` to import first (TFDS imports TensorFlow, whose GPU set-up
+    must come before anything else uses it).
+    """
+
+    def __init__(self, name: str, after_import=None, requires=None):
+        self._name = name
+        self._after_import = after_import
+        self._requires = requires
+        self._module = None
+
+    def load(self):
+        if self._module is None:
+            if self._requires is not None:
+                self._requires.load()
+            module = importlib.import_module(self._name)
+            if self._after_import is not None:
+                self._after_import(module)
+            self._module = module
+        return self._module
+
+    def __getattr__(self, attr: str):
+        return getattr(self.load(), attr)
+
+
+def _hide_gpus(tensorflow) -> None:
+    """TF only feeds data; the accelerators are JAX's."""
+    tensorflow.config.set_visible_devices([], "GPU")
+
+
+tf = _LazyModule("tensorflow", after_import=_hide_gpus)
+tfds = _LazyModule("tensorflow_datasets", requires=tf)
 
 # name -> (module, builder class, fixed builder config or None = take data_config.config)
 _TFDS_DATASETS = {
@@ -74,6 +109,7 @@ def builder_for(name: str, config: str = "", data_dir: str = ""):
             f"Unknown dataset name {name!r}; choose one of {', '.join(DATASET_NAMES)}."
         )
     module_name, class_name, fixed = _TFDS_DATASETS[name]
+    tf.load()  # TensorFlow, with its GPUs hidden, before the builder's module imports it.
     module = __import__(module_name, fromlist=[class_name])
     cls = getattr(module, class_name)
     config = fixed or config or _DEFAULT_CONFIGS[name]
@@ -121,6 +157,7 @@ def get_builder(data_config):
     """
     name = _get(data_config, "name", "")
     if name == "folder":
+        tf.load()  # As in `builder_for`.
         from datasets.folder import FolderDataset
 
         size = _get(data_config, "image_size", None)
@@ -219,7 +256,7 @@ def _to_model_types(example):
     return out
 
 
-def _options() -> tf.data.Options:
+def _options():
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True

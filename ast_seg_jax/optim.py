@@ -5,6 +5,9 @@ train step sets it from the *global* step counter: the official phase-3 Adam reb
 correction) must not restart the learning-rate schedule, and here it does not.
 """
 
+from collections.abc import Callable, Sequence
+
+import jax
 import ml_collections
 import optax
 
@@ -35,3 +38,72 @@ def with_learning_rate(opt_state, learning_rate):
     hyperparams = dict(opt_state.hyperparams)
     hyperparams["learning_rate"] = learning_rate
     return opt_state._replace(hyperparams=hyperparams)
+
+
+def _map_param_trees(tree, structure, fn: Callable):
+    """`tree` (an optimiser state) with `fn` applied to each subtree whose structure is `structure`.
+
+    The subtrees shaped like the parameters are the per-parameter slots (Adam's `mu` and `nu`); counts,
+    hyperparameters and empty states are left alone. Tuples, named tuples and dicts are walked.
+    """
+    if jax.tree.structure(tree) == structure:
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(
+        tree, "_fields"
+    ):  # A named tuple (optax states).
+        return type(tree)(*(_map_param_trees(x, structure, fn) for x in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map_param_trees(x, structure, fn) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _map_param_trees(v, structure, fn) for k, v in tree.items()}
+    return tree
+
+
+def update_except(
+    tx: optax.GradientTransformation,
+    grads,
+    opt_state,
+    params,
+    frozen: Sequence[str] = (),
+):
+    """`tx.update` over the top-level parameter groups not in `frozen`; the frozen groups are skipped.
+
+    The optimiser state keeps its full structure (checkpoints and a later update over every group see the
+    state they always saw): the per-parameter slots of the frozen groups are passed through unchanged,
+    while the shared ones (the step count, hence Adam's bias correction) advance as in a full update.
+
+    For Adam this is the full update with zero gradients for the frozen groups whenever their moments are
+    zero, as they are during phase 2 (the moments only move once phase 3 trains the background): the
+    moments stay zero (b * 0 + (1 - b) * 0) and the update is 0 / (sqrt(0) + eps) = 0.
+
+    Args:
+      tx: the optimiser.
+      grads: gradients of the groups not in `frozen` (a dict keyed by group).
+      opt_state: `tx`'s state over every group of `params`.
+      params: every parameter group (a dict).
+      frozen: names of the top-level groups that do not train.
+
+    Returns:
+      (updates of the trainable groups, the new optimiser state over every group).
+    """
+    if not frozen:
+        return tx.update(grads, opt_state, params)
+
+    def trainable(tree):
+        return {k: v for k, v in tree.items() if k not in frozen}
+
+    held = []
+
+    def split(slot):
+        held.append({k: slot[k] for k in frozen})
+        return trainable(slot)
+
+    inner_state = _map_param_trees(opt_state, jax.tree.structure(params), split)
+    updates, inner_state = tx.update(grads, inner_state, trainable(params))
+    rejoin = iter(held)
+    new_state = _map_param_trees(
+        inner_state,
+        jax.tree.structure(trainable(params)),
+        lambda slot: {**slot, **next(rejoin)},
+    )
+    return updates, new_state

@@ -11,6 +11,9 @@
 Every piece resumes: rerunning the same command continues from the latest complete checkpoint of whichever
 phase the run was in. One jitted step per phase; batches are sharded over the mesh axis "data" and the state
 is replicated, so the same code runs on one CPU, several GPUs or several hosts.
+
+Importing this module, building the model and running the steps need neither TensorFlow nor CLU: they
+are imported where data is read, logs are written or the model is evaluated.
 """
 
 import functools
@@ -26,7 +29,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,7 +37,6 @@ from ast_seg_jax import (
     checkpointing,
     cli,
     curriculum,
-    evaluator,
     input_pipeline,
     losses,
     optim,
@@ -46,6 +47,8 @@ from ast_seg_jax.models.build import build_background_model, build_model
 from ast_seg_jax.typing import BACKGROUND, IMAGE, INDEX, VALID
 
 PRECOMPUTED_FILE = "train_backgrounds.npy"
+# The background autoencoder's top-level parameter group in the AST model (frozen in phase 2).
+BACKGROUND_PARAMS = "background_model"
 # Written when config.record_example_ids is set: one line "step id id ..." per optimiser step.
 EXAMPLE_IDS_FILES = {
     curriculum.PHASE_BACKGROUND: "example_ids_background.txt",
@@ -107,9 +110,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 MIN_FREE_BYTES = 1 << 30
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-    """The run's scalar and image writer: TensorBoard files in WORKDIR/logs on process 0, the absl log
-    only on the other processes (which write nothing to the workdir)."""
+def create_writer(workdir: str):
+    """The run's scalar and image writer (a `clu.metric_writers.MetricWriter`): TensorBoard files in
+    WORKDIR/logs on process 0, the absl log only on the other processes (which write nothing to the
+    workdir)."""
+    # Imported here: CLU's writers import TensorFlow, which the steps do not need.
+    from clu import metric_writers
+
     return metric_writers.create_default_writer(
         os.path.join(workdir, "logs"), just_logging=jax.process_index() != 0
     )
@@ -246,8 +253,23 @@ def load_pretrained_encoder(params, checkpoint_dir: str):
     return params
 
 
-def _tree_norm(tree):
-    return optax.global_norm(tree)
+def _tree_norms(with_norms, *trees):
+    """The global L2 norm of each of `trees`, or zeros when `with_norms` is false.
+
+    `with_norms` is a Python bool or a traced boolean scalar. Traced, the norms are computed inside a
+    `lax.cond` branch, so that a step whose metrics nobody reads (between logging and checkpoint steps)
+    does not sum the squares of every gradient, parameter and update.
+    """
+
+    def compute(trees):
+        return tuple(optax.global_norm(tree) for tree in trees)
+
+    def skip(trees):
+        return tuple(jnp.zeros((), jnp.float32) for _ in trees)
+
+    if isinstance(with_norms, bool):
+        return compute(trees) if with_norms else skip(trees)
+    return jax.lax.cond(with_norms, compute, skip, trees)
 
 
 def _all_finite(*scalars):
@@ -255,12 +277,25 @@ def _all_finite(*scalars):
     return jnp.all(jnp.isfinite(jnp.stack(scalars)))
 
 
+@jax.jit
+def _tree_finite(tree):
+    """True when every array of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Steps (pure functions; static collaborators bound with functools.partial).
 
 
-def background_train_step(state: train_state.TrainState, batch, *, model, config):
-    """One phase-1 step: the AE-NE robust loss on the background autoencoder."""
+def background_train_step(
+    state: train_state.TrainState, batch, with_norms=True, *, model, config
+):
+    """One phase-1 step: the AE-NE robust loss on the background autoencoder.
+
+    `with_norms` (a bool, or a traced boolean scalar for one compiled step) says whether the step computes
+    the gradient and parameter norms; without them they are reported as 0 and `is_finite` checks the loss
+    only (a non-finite gradient makes the parameters non-finite, which the next step with norms sees).
+    """
     image = batch[IMAGE]
     lr = curriculum.background_learning_rate(state.step, config)
     beta = curriculum.background_loss_beta(state.step, config)
@@ -274,8 +309,7 @@ def background_train_step(state: train_state.TrainState, batch, *, model, config
     opt_state = optim.with_learning_rate(state.opt_state, lr)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = _tree_norm(grads)
-    param_norm = _tree_norm(params)
+    grad_norm, param_norm = _tree_norms(with_norms, grads, params)
     metrics = {
         "loss": loss,
         "learning_rate": lr,
@@ -291,6 +325,7 @@ def background_train_step(state: train_state.TrainState, batch, *, model, config
 def foreground_train_step(
     state: train_state.TrainState,
     batch,
+    with_norms=True,
     *,
     model,
     background_model,
@@ -301,7 +336,8 @@ def foreground_train_step(
 
     Phase 2: the background comes from `batch['background']` (precomputed) or from the frozen background
     network run under stop_gradient; background parameters do not change. Phase 3: the model runs its
-    background network live and every parameter trains.
+    background network live and every parameter trains. `with_norms` as in `background_train_step` (the
+    update norm too).
     """
     image = batch[IMAGE]
     step = state.step
@@ -317,7 +353,7 @@ def foreground_train_step(
                 background = batch[BACKGROUND]
             else:
                 rgba = background_model.apply(
-                    {"params": params["background_model"]}, image
+                    {"params": params[BACKGROUND_PARAMS]}, image
                 )
                 background = jax.lax.stop_gradient(rgba[..., :3])
         out, new_vars = model.apply(
@@ -337,19 +373,20 @@ def foreground_train_step(
             total = total + distillation_weight * out.mask_distillation.mean()
         return total, (rec, pix, obj, new_vars.get("batch_stats", {}), out)
 
+    # Phase 2 differentiates and updates the foreground groups only: the frozen background's gradients
+    # would be zeros, and Adam over its parameters would leave them and its zero moments unchanged.
+    frozen = (BACKGROUND_PARAMS,) if phase == curriculum.PHASE_FOREGROUND else ()
+    held = {k: state.params[k] for k in frozen}
+    trainable = {k: v for k, v in state.params.items() if k not in frozen}
     (loss, (rec, pix, obj, batch_stats, out)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True
-    )(state.params)
+        lambda p: loss_fn({**p, **held}), has_aux=True
+    )(trainable)
     tx = optim.foreground_optimizer(config)
     opt_state = optim.with_learning_rate(state.opt_state, lr)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if phase == curriculum.PHASE_FOREGROUND:
-        # Frozen in phase 2, whatever the optimiser would do to zero gradients.
-        params = {**params, "background_model": state.params["background_model"]}
+    updates, opt_state = optim.update_except(tx, grads, opt_state, state.params, frozen)
+    params = {**optax.apply_updates(trainable, updates), **held}
 
-    grad_norm = _tree_norm(grads)
-    param_norm = _tree_norm(params)
+    grad_norm, param_norm, update_norm = _tree_norms(with_norms, grads, params, updates)
     # A slot counts as active if its weight reaches 1e-3 somewhere in the batch (official statistic).
     slot_max = jnp.max(out.weights[:, 1:], axis=(0, 2, 3))
     metrics = {
@@ -366,7 +403,7 @@ def foreground_train_step(
         "learning_rate": lr,
         "l2_grads": grad_norm,
         "l2_params": param_norm,
-        "l2_updates": _tree_norm(updates),
+        "l2_updates": update_norm,
         "active_slots": jnp.sum(slot_max >= 1e-3),
         "mse": jnp.mean(jnp.sum((out.reconstruction - image) ** 2, axis=(1, 2, 3))),
         "is_finite": _all_finite(loss, grad_norm, param_norm),
@@ -472,7 +509,10 @@ class LoopControl:
     The finiteness flag of every step is folded into one device scalar, so steps between two checks
     do not wait for the host; it is read whenever the loop logs, saves or stops. A checkpoint is only
     written after that read says every step since the last check was finite, so no NaN ever reaches
-    a checkpoint.
+    a checkpoint. Only the steps that log or save compute the gradient and parameter norms
+    (`needs_norms`); the others check their loss, and a non-finite gradient makes the parameters
+    non-finite, which the next step with norms sees (a stop after a step without them checks the
+    parameters before saving them).
     """
 
     def __init__(self, name, config, mngr, writer, stop, start: int, total: int):
@@ -484,6 +524,13 @@ class LoopControl:
         self.progress = Progress(writer, name, total, start)
         self.last_good = start
         self.finite = jnp.asarray(True)
+
+    def needs_norms(self, done: int) -> bool:
+        """Whether the step that makes `done` steps must compute the gradient, parameter and update
+        norms: it logs them, or it saves a checkpoint whose parameters must be checked finite."""
+        return _is_time(done, self.config.log_loss_every_steps, self.total) or _is_time(
+            done, self.config.checkpoint_every_steps, self.total
+        )
 
     def after_step(self, done: int, state, metrics: dict, phase: int) -> None:
         """Bookkeeping once `done` steps are taken.
@@ -499,6 +546,9 @@ class LoopControl:
         stop_now = self.stop.requested()
         if not (log_now or save_now or stop_now):
             return
+        if not (log_now or save_now):
+            # A stop after a step without norms: check the parameters about to be saved here.
+            self.finite = jnp.logical_and(self.finite, _tree_finite(state.params))
         if not bool(self.finite):
             raise NonFiniteLossError(
                 f"{self.name}: the loss, the gradients or the parameters became NaN or infinite "
@@ -564,7 +614,9 @@ def train_background(
                 batch = next(batches)
                 ids.record(done, batch[INDEX])
                 state, metrics = step_fn(
-                    state, input_pipeline.to_global_arrays(_image_only(batch), mesh)
+                    state,
+                    input_pipeline.to_global_arrays(_image_only(batch), mesh),
+                    control.needs_norms(done),
                 )
                 control.after_step(done, state, metrics, curriculum.PHASE_BACKGROUND)
     finally:
@@ -676,7 +728,7 @@ def create_foreground_state(config, model, background_params, rng):
     variables = init_variables(model, tuple(config.data.image_size), rng, train=False)
     params = dict(variables["params"])
     if background_params is not None:
-        params["background_model"] = background_params
+        params[BACKGROUND_PARAMS] = background_params
     if config.model.pretrained_encoder:
         if config.model.feature_generator != "segformer":
             raise ValueError(
@@ -737,7 +789,7 @@ def _foreground_loop(
     uses_phase2 = curriculum.phase_of(start, config) == curriculum.PHASE_FOREGROUND
     if uses_phase2 and config.background.precompute:
         precomputed = precompute_backgrounds(
-            config, workdir, mesh, background_model, state.params["background_model"]
+            config, workdir, mesh, background_model, state.params[BACKGROUND_PARAMS]
         )
     # One jitted step per phase (the phase is a static flag: where the background comes from).
     steps = {
@@ -783,12 +835,16 @@ def _foreground_loop(
                 precomputed[np.asarray(batch[INDEX])].astype(np.float32) / 255.0
             )
         state, metrics = steps[phase](
-            state, input_pipeline.to_global_arrays(host, mesh)
+            state,
+            input_pipeline.to_global_arrays(host, mesh),
+            control.needs_norms(done),
         )
         control.after_step(done, state, metrics, phase)
         if vis_batch is not None and _is_time(
             done, config.log_images_every_steps, total
         ):
+            from ast_seg_jax import evaluator  # Reads data (TensorFlow) and uses CLU.
+
             figure = evaluator.figure_for_batch(model, state, vis_batch, mesh)
             writer.write_images(done, {"samples": figure[None]})
     return state
@@ -875,6 +931,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             background_params,
             stop,
         )
+    from ast_seg_jax import evaluator  # As in _foreground_loop.
+
     results = evaluator.evaluate_and_write(
         config, workdir, model, evaluator.variables_of(state), mesh
     )

@@ -21,6 +21,9 @@ What is measured, for `--phase`:
   infer  `evaluator.eval_step`: the eval-mode forward pass with the live background, then the argmax
          segmentation.
 
+The training steps run as the trainer runs them between logging and checkpoint steps, without the
+gradient, parameter and update norms (`with_norms=False`).
+
 `--batch_size` overrides the config's batch size. The step is jitted exactly as the trainer does it
 (`trainer.compile_step`: replicated, donated state; batch sharded over all devices on the axis "data"), lowered
 and compiled once (the compile time is reported), run `--warmup` times untimed, then timed over `--repeats`
@@ -28,13 +31,26 @@ repeats of `--steps_per_repeat` back-to-back steps, each repeat ended by `jax.bl
 
   * seconds per step, steps/s and images/s from the median repeat (also the fastest repeat);
   * lowering and compile times, and the time to initialise the parameters;
-  * FLOPs and bytes accessed per step from XLA's cost analysis of the compiled step, the achieved FLOP/s and,
-    when the device's peak is known (`PEAK_TFLOPS`, or `--peak_tflops`), the fraction of it;
+  * FLOPs per step from XLA's cost analysis of the step *before* backend optimisation (the lowered
+    program, the whole global batch), which counts every convolution and matmul on every backend, the
+    achieved FLOP/s of all devices together and, when the device's peak is known (`PEAK_TFLOPS`, or
+    `--peak_tflops`), the fraction of the devices' summed peak. The compiled program's own count is
+    reported too (`compiled_flops_per_step`, per device: the program after partitioning over the
+    mesh): times the number of devices it agrees on a CPU, but on a GPU the convolutions and matmuls
+    become library calls that it does not count. Bytes accessed per step (per device) come from the
+    compiled program;
   * peak device memory from `device.memory_stats()` (absent on CPU: reported as n/a), XLA's own estimate
     of the step's device memory (`compiled.memory_analysis()`), and the peak host RSS of the process;
   * whether the state the step returns has the same shapes, dtypes, weak types and shardings as the state
     it was given (if not, the jitted step is compiled a second time on its second call);
   * the host load average before and after (a shared host makes every timing slower).
+
+`--profile_dir=DIR` then runs `--profile_steps` more steps under `jax.profiler.trace` (a TensorBoard /
+Perfetto trace in DIR) and prints the compiled program's operations that took the most time, from that
+trace (on a CPU, one event per operation; on a GPU, per kernel of an operation).
+
+`--compile_only` stops after compiling (no step runs): with a fresh compilation cache it measures a cold
+compile, and it fills the cache for a later run (see experiments/gpu_check.sh).
 
 Peak memory and RSS are peaks of the whole process so far: in a sweep, run the smallest setting first
 (the sweep does) and read them as upper bounds.
@@ -46,10 +62,12 @@ step time grows.
 
 import copy
 import functools
+import gzip
 import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -97,6 +115,7 @@ RESULT_KEYS = (
     "lower_seconds",
     "compile_seconds",
     "flops_per_step",
+    "compiled_flops_per_step",
     "achieved_tflops",
     "peak_tflops",
     "fraction_of_peak",
@@ -144,6 +163,22 @@ _INIT = flags.DEFINE_enum(
     "(skips compiling model.init; the step costs the same).",
 )
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "Also trace --profile_steps steps with jax.profiler into this directory and print the top ops.",
+)
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 3, "Steps traced with --profile_dir."
+)
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", 0, "Run on the first this many devices (0 = all)."
+)
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only",
+    False,
+    "Only lower and compile the step (a cold compile with an empty cache; fills the cache).",
+)
 _SWEEP = flags.DEFINE_enum(
     "sweep", None, SWEEPS, "Measure a sweep instead of one setting."
 )
@@ -207,10 +242,15 @@ def _peak_host_rss() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB.
 
 
-def _cost(compiled) -> tuple[float | None, float | None]:
-    """(flops, bytes accessed) of a compiled executable from XLA's cost analysis."""
+def _cost(stage) -> tuple[float | None, float | None]:
+    """(flops, bytes accessed) from XLA's cost analysis of a lowered or a compiled step.
+
+    Lowered: the program before any backend optimisation, whose convolutions and dots are still
+    HLO operations on every backend. Compiled: the optimised program, where a GPU backend has turned
+    them into library calls that the analysis does not count.
+    """
     try:
-        analysis = compiled.cost_analysis()
+        analysis = stage.cost_analysis()
     except (NotImplementedError, RuntimeError):  # Some backends do not implement it.
         return None, None
     if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
@@ -304,7 +344,7 @@ def _setup(config, phase: str, batch_size: int, mesh, seed: int, init: str):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ast_seg_jax import curriculum, evaluator, optim, train_state, trainer
+    from ast_seg_jax import curriculum, optim, train_state, trainer
     from ast_seg_jax.models.build import build_background_model, build_model
     from ast_seg_jax.typing import BACKGROUND, IMAGE
 
@@ -352,6 +392,9 @@ def _setup(config, phase: str, batch_size: int, mesh, seed: int, init: str):
     jax.block_until_ready(state)
     init_seconds = time.perf_counter() - start
     if phase == "infer":
+        # Imported here: it uses CLU, which the training phases do not need.
+        from ast_seg_jax import evaluator
+
         variables = evaluator.variables_of(state)
         step = jax.jit(functools.partial(evaluator.eval_step, model=model))
         return step, variables, random_images(), init_seconds
@@ -386,6 +429,10 @@ def measure(
     precision: str = "auto",
     seed: int = 0,
     init: str = "model",
+    compile_only: bool = False,
+    profile_dir: str = "",
+    profile_steps: int = 3,
+    num_devices: int = 0,
 ) -> dict:
     """Measures one phase of `config`; returns a flat dict with (at least) RESULT_KEYS.
 
@@ -402,6 +449,11 @@ def measure(
       init: "model" initialises as training does (`trainer.create_foreground_state`, or the background
         model's jitted init for phase 1); "random" fills the same shapes from numpy (`random_variables`),
         which skips compiling `init` (for smoke tests; the step costs the same).
+      compile_only: stop after compiling; the timing keys are None.
+      profile_dir: when set, trace `profile_steps` more steps into it with `jax.profiler` and add
+        `top_ops` (see `top_ops`) to the result.
+      profile_steps: steps traced for `profile_dir`.
+      num_devices: run on the first this many devices (0 = all).
 
     Raises:
       ValueError: unknown phase, non-positive counts, or a batch not divisible by the device count.
@@ -424,7 +476,12 @@ def measure(
     with config.unlocked():
         config.model.pretrained_encoder = ""  # Random weights cost the same.
     batch_size = _batch_size_for(config, phase, batch_size)
-    mesh = trainer.create_mesh()
+    devices = jax.devices()
+    if not 0 <= num_devices <= len(devices):
+        raise ValueError(
+            f"num_devices={num_devices} must lie in [0, {len(devices)}] (0 = all)."
+        )
+    mesh = trainer.create_mesh(devices[: num_devices or None])
     if batch_size < 1 or batch_size % mesh.size:
         raise ValueError(
             f"batch_size={batch_size} must be positive and divisible by the {mesh.size} devices."
@@ -435,22 +492,64 @@ def measure(
     step, first, batch, init_seconds = _setup(
         config, phase, batch_size, mesh, seed, init
     )
+    is_train = phase != "infer"
+    # A training step as the trainer runs it between logging and checkpoint steps: without the norms.
+    extra = (False,) if is_train else ()
     start = time.perf_counter()
-    lowered = step.lower(first, batch)
+    lowered = step.lower(first, batch, *extra)
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - start
-    flops, bytes_accessed = _cost(compiled)
+    flops, _ = _cost(lowered)
+    compiled_flops, bytes_accessed = _cost(compiled)
 
-    is_train = phase != "infer"
+    compute_dtype = config.model.get("compute_dtype", "float32")
+    peak, precision_used = peak_tflops(device, precision, peak_override, compute_dtype)
+    result = {
+        "phase": phase,
+        "batch_size": batch_size,
+        "compute_dtype": compute_dtype,
+        "image_size": list(config.data.image_size),
+        "num_slots": int(config.model.num_slots),
+        "segformer_variant": config.model.segformer_variant,
+        "background_complexity": bool(config.model.background_complexity),
+        "seconds_per_step": None,
+        "steps_per_second": None,
+        "images_per_second": None,
+        "init_seconds": init_seconds,
+        "lower_seconds": lower_seconds,
+        "compile_seconds": compile_seconds,
+        "compilation_cache": jax.config.jax_compilation_cache_dir,
+        "flops_per_step": flops,
+        "compiled_flops_per_step": compiled_flops,
+        "achieved_tflops": None,
+        "peak_tflops": peak,
+        "peak_precision": precision_used,
+        "fraction_of_peak": None,
+        "bytes_accessed_per_step": bytes_accessed,
+        "peak_device_memory_bytes": None,
+        "xla_memory_bytes": _xla_memory(compiled),
+        "peak_host_rss_bytes": _peak_host_rss(),
+        "state_signature_stable": None,
+        "init": init,
+        "repeats": repeats,
+        "warmup": warmup,
+        "steps_per_repeat": steps_per_repeat,
+        "loadavg_before": list(loadavg_before),
+        "loadavg_after": list(os.getloadavg()),
+    }
+    result.update(environment(mesh))
+    if compile_only:
+        return result
+
     signature_in = _signature(first) if is_train else None
 
     def run(n):
         nonlocal first
         out = None
         for _ in range(n):
-            out = compiled(first, batch)
+            out = compiled(first, batch, *extra)
             if is_train:
                 first = out[
                     0
@@ -468,44 +567,107 @@ def measure(
         times.append((time.perf_counter() - start) / steps_per_repeat)
 
     seconds = statistics.median(times)
-    compute_dtype = config.model.get("compute_dtype", "float32")
-    peak, precision_used = peak_tflops(device, precision, peak_override, compute_dtype)
     achieved = flops / seconds / 1e12 if flops else None
-    result = {
-        "phase": phase,
-        "batch_size": batch_size,
-        "compute_dtype": compute_dtype,
-        "image_size": list(config.data.image_size),
-        "num_slots": int(config.model.num_slots),
-        "segformer_variant": config.model.segformer_variant,
-        "background_complexity": bool(config.model.background_complexity),
-        "seconds_per_step": seconds,
-        "seconds_per_step_min": min(times),
-        "seconds_per_step_all": times,
-        "steps_per_second": 1.0 / seconds,
-        "images_per_second": batch_size / seconds,
-        "init_seconds": init_seconds,
-        "lower_seconds": lower_seconds,
-        "compile_seconds": compile_seconds,
-        "flops_per_step": flops,
-        "achieved_tflops": achieved,
-        "peak_tflops": peak,
-        "peak_precision": precision_used,
-        "fraction_of_peak": achieved / peak if achieved and peak else None,
-        "bytes_accessed_per_step": bytes_accessed,
-        "peak_device_memory_bytes": _peak_device_memory(device),
-        "xla_memory_bytes": _xla_memory(compiled),
-        "peak_host_rss_bytes": _peak_host_rss(),
-        "state_signature_stable": stable,
-        "init": init,
-        "repeats": repeats,
-        "warmup": warmup,
-        "steps_per_repeat": steps_per_repeat,
-        "loadavg_before": list(loadavg_before),
-        "loadavg_after": list(os.getloadavg()),
-    }
-    result.update(environment(mesh))
+    result.update(
+        seconds_per_step=seconds,
+        seconds_per_step_min=min(times),
+        seconds_per_step_all=times,
+        steps_per_second=1.0 / seconds,
+        images_per_second=batch_size / seconds,
+        achieved_tflops=achieved,
+        fraction_of_peak=achieved / (peak * mesh.size) if achieved and peak else None,
+        peak_device_memory_bytes=_peak_device_memory(device),
+        peak_host_rss_bytes=_peak_host_rss(),
+        state_signature_stable=stable,
+        loadavg_after=list(os.getloadavg()),
+    )
+    if profile_dir:
+        started = time.time()
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            run(profile_steps)
+        result["profile_dir"] = profile_dir
+        result["top_ops"] = top_ops(
+            _newest_trace(profile_dir, started), compiled.as_text(), profile_steps
+        )
     return result
+
+
+def _newest_trace(directory: str, since: float) -> str:
+    """The Perfetto trace that `jax.profiler.trace` wrote into `directory` after `since`."""
+    paths = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(directory)
+        for name in names
+        if name.endswith("perfetto_trace.json.gz")
+    ]
+    paths = [p for p in paths if os.path.getmtime(p) >= since - 1]
+    if not paths:
+        raise FileNotFoundError(
+            f"jax.profiler wrote no Perfetto trace into {directory!r}."
+        )
+    return max(paths, key=os.path.getmtime)
+
+
+# `name = shape opcode(` in HLO text; a tuple shape is in parentheses.
+_HLO_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (?:\(.*?\)|\S+) ([a-z][\w\-]*)\(", re.MULTILINE
+)
+
+
+def top_ops(trace_path: str, hlo_text: str, steps: int, num: int = 15) -> list[dict]:
+    """The operations of a compiled program that took the most time in a profiler trace.
+
+    Args:
+      trace_path: a Perfetto / Chrome trace (`.json.gz`) of `steps` runs of the program.
+      hlo_text: the compiled program's HLO text (`compiled.as_text()`): trace events named after one
+        of its instructions are its operations; the runtime's own events are left out.
+      steps: how many runs the trace holds (the times are per run).
+      num: how many operations to return.
+
+    Returns:
+      Up to `num` dicts, slowest first: name, opcode (e.g. fusion, convolution, custom-call), calls
+      per step and milliseconds per step (the summed durations of its events; an operation that
+      contains others, such as a while loop, includes their time).
+    """
+    opcodes = dict(_HLO_INSTRUCTION.findall(hlo_text))
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total, calls = {}, {}
+    for event in events:
+        name = event.get("name")
+        if event.get("ph") != "X" or name not in opcodes:
+            continue
+        total[name] = total.get(name, 0.0) + float(event.get("dur", 0.0))
+        calls[name] = calls.get(name, 0) + 1
+    slowest = sorted(total, key=total.get, reverse=True)[:num]
+    return [
+        {
+            "name": name,
+            "opcode": opcodes[name],
+            "calls_per_step": calls[name] / steps,
+            "ms_per_step": total[name]
+            / 1e3
+            / steps,  # Trace durations are in microseconds.
+        }
+        for name in slowest
+    ]
+
+
+def format_top_ops(ops: list, seconds_per_step: float | None = None) -> str:
+    """A plain-text table of `top_ops`, with each op's share of the step time when it is given."""
+    lines = [f"{'ms/step':>9}  {'share':>6}  {'calls':>5}  {'opcode':<14}  name"]
+    for op in ops:
+        share = (
+            f"{op['ms_per_step'] / 1e3 / seconds_per_step:6.1%}"
+            if seconds_per_step
+            else "   n/a"
+        )
+        lines.append(
+            f"{op['ms_per_step']:9.2f}  {share}  {op['calls_per_step']:5.3g}  "
+            f"{op['opcode']:<14}  {op['name']}"
+        )
+    return "\n".join(lines)
 
 
 def environment(mesh=None) -> dict:
@@ -631,6 +793,8 @@ def main(argv):
     cli.quiet_third_party_logs()
     import jax
 
+    cli.enable_compilation_cache()
+
     kwargs = {
         "batch_size": _BATCH_SIZE.value,
         "repeats": _REPEATS.value,
@@ -640,6 +804,10 @@ def main(argv):
         "precision": _PRECISION.value,
         "seed": int(_CONFIG.value.seed),
         "init": _INIT.value,
+        "compile_only": _COMPILE_ONLY.value,
+        "profile_dir": _PROFILE_DIR.value,
+        "profile_steps": _PROFILE_STEPS.value,
+        "num_devices": _NUM_DEVICES.value,
     }
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
@@ -661,7 +829,10 @@ def main(argv):
     else:
         result = measure(_CONFIG.value, _PHASE.value, **kwargs)
         print(format_table([result]))
-        if not result["state_signature_stable"]:
+        if result.get("top_ops"):
+            print(f"Slowest operations (trace in {result['profile_dir']}):")
+            print(format_top_ops(result["top_ops"], result["seconds_per_step"]))
+        if result["state_signature_stable"] is False:
             print(
                 "warning: the step returns a state whose shapes/dtypes/weak types/shardings differ from "
                 "its input: jit recompiles on the second step."

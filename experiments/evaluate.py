@@ -57,6 +57,7 @@ def main(argv):
             f"unexpected arguments {argv[1:]}; flags are written --name=value (--help lists them)."
         )
     cli.quiet_third_party_logs()
+    cli.enable_compilation_cache()
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")

@@ -50,6 +50,7 @@ def main(argv):
             f"unexpected arguments {argv[1:]}; flags are written --name=value (--help lists them)."
         )
     cli.quiet_third_party_logs()
+    cli.enable_compilation_cache()
     import numpy as np
     from PIL import Image
 

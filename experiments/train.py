@@ -71,6 +71,8 @@ def main(argv):
     cli.quiet_third_party_logs()
     import jax
 
+    cli.enable_compilation_cache()
+
     if _COORDINATOR.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,

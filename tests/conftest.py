@@ -18,6 +18,9 @@ FAST_COMPILE_XLA_FLAGS = (
 )
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The launchers' persistent compilation cache (ast_seg_jax.cli) stays out of the user's cache directory:
+# off, except where a test turns on the session's own cache (`compilation_cache_dir`, `subprocess_env`).
+os.environ["AST_SEG_COMPILATION_CACHE"] = "off"
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -140,3 +140,42 @@ def _empty_dir(tmp_path):
     path = tmp_path / "empty"
     path.mkdir()
     return path
+
+
+def test_compilation_cache_directory_follows_the_environment(tmp_path):
+    from ast_seg_jax import cli
+
+    env = cli.COMPILATION_CACHE_ENV
+    home = os.path.join(os.path.expanduser("~"), ".cache")
+    assert cli.compilation_cache_dir({}) == os.path.join(
+        home, "ast_seg_jax", "jax_compilation_cache"
+    )
+    assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == str(
+        tmp_path / "ast_seg_jax" / "jax_compilation_cache"
+    )
+    assert cli.compilation_cache_dir({env: str(tmp_path / "c")}) == str(tmp_path / "c")
+    for off in ("off", "0", "False", "none"):
+        assert cli.compilation_cache_dir({env: off, "XDG_CACHE_HOME": "/x"}) is None
+    # The test session keeps the launchers' cache out of the user's home (conftest.py).
+    assert cli.compilation_cache_dir() is None
+
+
+def test_enable_compilation_cache_keeps_a_directory_given_to_jax(tmp_path):
+    import jax
+
+    from ast_seg_jax import cli
+
+    env = cli.COMPILATION_CACHE_ENV
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert cli.enable_compilation_cache({env: "off"}) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        path = str(tmp_path / "cache")
+        assert cli.enable_compilation_cache({env: path}) == path
+        assert jax.config.jax_compilation_cache_dir == path
+        # Already set (JAX_COMPILATION_CACHE_DIR or jax.config): kept, whatever the environment says.
+        assert cli.enable_compilation_cache({env: "off"}) == path
+        assert cli.enable_compilation_cache({env: str(tmp_path / "x")}) == path
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

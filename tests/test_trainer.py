@@ -10,6 +10,7 @@ import functools
 import os
 import shutil
 import signal
+import types
 
 import jax
 import numpy as np
@@ -291,3 +292,66 @@ def test_scale_attention_init_scales_only_the_attention_channels(generator):
     else:
         np.testing.assert_array_equal(scaled["stem_conv"]["kernel"], 1)
     np.testing.assert_array_equal(last["kernel"], kernel)  # The input is not modified.
+
+
+def _background_step_setup():
+    from ast_seg_jax import train_state
+    from ast_seg_jax.models.background import BackgroundAutoencoder
+    from experiments.configs import base
+
+    config = base.get_config()
+    model = BackgroundAutoencoder((16, 16), complexity=False, width=0.125)
+    rng = jax.random.PRNGKey(0)
+    params = trainer.init_variables(model, (16, 16), rng)["params"]
+    state = train_state.create(params, {}, optim.background_optimizer(config), rng)
+    images = np.random.default_rng(0).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    step = jax.jit(
+        functools.partial(trainer.background_train_step, model=model, config=config)
+    )
+    return state, {IMAGE: images}, step
+
+
+def test_norms_are_computed_only_when_asked_and_equal_the_unconditional_ones():
+    """One compiled step with a traced `with_norms`: where true, every metric and the new state equal
+    those of the step that always computes the norms (the step as it was); where false, the state is
+    the same and the norms read 0."""
+    state, batch, step = _background_step_setup()
+    always, always_metrics = step(state, batch)  # Python True: no lax.cond.
+    for flag in (True, False):
+        new, metrics = step(state, batch, np.bool_(flag))
+        assert _equal(new, always)
+        for key, value in always_metrics.items():
+            if flag or key not in ("l2_grads", "l2_params"):
+                np.testing.assert_allclose(metrics[key], value, rtol=1e-6)
+        if not flag:
+            assert float(metrics["l2_grads"]) == float(metrics["l2_params"]) == 0.0
+    assert float(always_metrics["l2_grads"]) > 0
+    assert (
+        step._cache_size() == 2
+    )  # Python True, and one program for both values of the flag.
+
+
+def test_norms_are_asked_for_at_logging_and_checkpoint_steps_only():
+    config = tiny_config("unused")
+    config.log_loss_every_steps, config.checkpoint_every_steps = 3, 5
+    control = trainer.LoopControl("x", config, None, None, None, 0, 11)
+    assert [d for d in range(1, 12) if control.needs_norms(d)] == [3, 5, 6, 9, 10, 11]
+
+
+def test_a_stop_after_a_step_without_norms_checks_the_parameters():
+    """A NaN that reached the parameters at a step without norms (its loss was finite) is caught before
+    the stop's checkpoint is written."""
+
+    class Stop:
+        signum = signal.SIGTERM
+
+        def requested(self):
+            return True
+
+    config = tiny_config("unused")
+    config.log_loss_every_steps = config.checkpoint_every_steps = 10
+    control = trainer.LoopControl("x", config, None, None, Stop(), 0, 20)
+    assert not control.needs_norms(1)
+    state = types.SimpleNamespace(params={"w": np.array([1.0, np.nan], np.float32)})
+    with pytest.raises(trainer.NonFiniteLossError, match="between steps 0 and 1"):
+        control.after_step(1, state, {"is_finite": np.bool_(True)}, 2)
