@@ -66,6 +66,9 @@ _OFFICIAL_SETTINGS = {
     "use_transformer": True,
     "transformer_residual": False,
     "slot_suppression_sigma": 0.0,
+    "appearance_encoder": "pooled",
+    "glimpse_mask": "decoded",
+    "flat_colour": False,
     "unet_width": 1.0,
     "background_width": 1.0,
 }

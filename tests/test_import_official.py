@@ -34,6 +34,8 @@ OFFICIAL_OVERRIDES = {
     "model.background_complexity": False,
     "model.transformer_residual": False,
     "model.slot_suppression_sigma": 0.0,
+    "model.glimpse_mask": "decoded",
+    "model.flat_colour": False,
     "num_eval_images": 4,
 }
 # The same, as launcher flags.

@@ -178,8 +178,10 @@ def run_parity(name: str) -> dict:
 
     out, state = jax.jit(train_apply)(variables, images)
     b, k = out.xy.shape[:2]
-    glimpses = state["intermediates"]["glimpse_generator"]["__call__"][0]
-    glimpses = glimpses.reshape(b, k, *glimpses.shape[1:])
+    # The model calls the generator for its logits (the window masks need them); the official
+    # generator's output is their sigmoid.
+    logits = state["intermediates"]["glimpse_generator"]["__call__"][0]
+    glimpses = jax.nn.sigmoid(logits.reshape(b, k, *logits.shape[1:]))
     compare_outputs("train", out, {"glimpses": glimpses})
     # Expected running statistics: the loader applied to the official statistics after the pass.
     stats_prefix = f"{name}/train/batch_stats/"
