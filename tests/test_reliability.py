@@ -408,7 +408,8 @@ def data_parallel_steps(
     losses = []
     for images in global_images:
         batch = input_pipeline.to_global_arrays({IMAGE: images[local]}, mesh)
-        state, metrics = step_fn(state, batch)
+        # With the norms flag traced, as the training loop calls it.
+        state, metrics = step_fn(state, batch, True)
         losses.append(float(metrics["loss"]))
     mngr = checkpointing.manager(checkpoint_dir)
     checkpointing.save(mngr, state)
