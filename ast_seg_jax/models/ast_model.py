@@ -340,16 +340,16 @@ class AST(nn.Module):
         mask_distillation = None
         if self.glimpse_mask == "window":
             # The windows the glimpses will cover, pixel for pixel; no gradient through them.
-            fixed_xy, fixed_scale = jax.lax.stop_gradient((xy, scale))
-            windows = extract_glimpses(image, fixed_xy, fixed_scale, g)
-            background_windows = extract_glimpses(
-                jax.lax.stop_gradient(background), fixed_xy, fixed_scale, g
-            )
+            # Image and background in one pass: they share the interpolation weights.
+            both = jnp.concatenate([image, background], axis=-1)
+            windows = extract_glimpses(
+                *jax.lax.stop_gradient((both, xy, scale)), g
+            ).reshape(b * k, g, g, 6)
             window_logit = WindowMask(
                 self.window_mask_width, dtype=self.dtype, name="window_mask"
             )(
-                windows.reshape(b * k, g, g, 3),
-                background_windows.reshape(b * k, g, g, 3),
+                windows[..., :3],
+                windows[..., 3:],
                 jax.lax.stop_gradient(colour).reshape(b * k, g, g, 3),
             ).reshape(b, k, g, g)
             # The decoded mask learns from the window mask but does not feed it: a sum of the two
