@@ -10,6 +10,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import types
 
 FAST_COMPILE_XLA_FLAGS = (
@@ -184,6 +186,21 @@ def subprocess_env(
             JAX_COMPILATION_CACHE_MAX_SIZE=str(CACHE_MAX_BYTES),
         )
     return env
+
+
+def run_module(*args, timeout=300):
+    """Runs `python -m ARGS` from the repository root on the CPU, without AST_SEG_DEBUG; never raises."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("AST_SEG_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -2,29 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_module
 from PIL import Image
 
 from ast_seg_jax import checkpointing, inference
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def _run(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+_run = run_module
 
 
 def test_training_left_what_it_promises(trained_workdir):

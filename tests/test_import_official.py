@@ -9,20 +9,18 @@ key names themselves are checked against the official code by tests/test_officia
 
 import json
 import os
-import subprocess
 import sys
 
 import flax
 import numpy as np
 import pytest
-from conftest import checkpoint_steps, smoke_config
+from conftest import checkpoint_steps, run_module, smoke_config
 from PIL import Image
 
 from ast_seg_jax import checkpointing
 from ast_seg_jax import official_files as import_official
 from ast_seg_jax.official import load_official, official_constants, official_shapes
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 IMPORTED_STEP = 7
 
 # shapes.py:tiny with the official settings it changes put back (all remain small).
@@ -119,17 +117,7 @@ def _save_official_files(tmp_path, config):
     return foreground_path, background_path, fg, bg
 
 
-def _run(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+_run = run_module
 
 
 @pytest.fixture(scope="module")

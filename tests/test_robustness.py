@@ -8,13 +8,11 @@ stop at flag parsing or at the pre-flight checks, before any compilation.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO, hf_segformer_json, smoke_config
+from conftest import hf_segformer_json, run_module, smoke_config
 from PIL import Image
 
 from ast_seg_jax import checkpointing, cli, image_io, inference, preflight, trainer
@@ -353,17 +351,7 @@ def test_verdicts_are_cached_until_a_file_changes(tmp_path, monkeypatch):
 
 
 def _cli(*args, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("AST_SEG_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    return run_module(*args, timeout=timeout)
 
 
 @pytest.mark.parametrize(
