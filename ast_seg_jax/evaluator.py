@@ -166,7 +166,7 @@ def evaluate(
 def run_shape_probe(
     model, variables, data_config, *, split: str, num_images: int, batch_size: int
 ) -> dict:
-    """`probe.shape_probe` of the model's appearance vectors on the first images of a split."""
+    """`probe.shape_probe` of the model's appearance vectors and masks on the first images of a split."""
 
     @jax.jit
     def predict(image):
@@ -183,7 +183,8 @@ def run_shape_probe(
 
 
 def format_probe(means: dict) -> str:
-    """One line: the shape probe's accuracy against chance, and how many objects it saw."""
+    """Two lines: the shape probe from z_what against chance (and how many objects it saw), and the mask probe
+    against the same probe on the true masks."""
     if not np.isfinite(means["shape_probe"]):
         return (
             f"Shape probe: not scored, {means['shape_probe_objects']} objects have a slot "
@@ -193,7 +194,10 @@ def format_probe(means: dict) -> str:
         f"Shape probe (linear, 5-fold): {100 * means['shape_probe']:.1f} % of "
         f"{means['shape_probe_objects']} objects (chance "
         f"{100 * means['shape_probe_chance']:.1f} %; "
-        f"{100 * means['shape_probe_found']:.1f} % of the objects have a slot)"
+        f"{100 * means['shape_probe_found']:.1f} % of the objects have a slot)\n"
+        f"Mask probe (the same, on shape descriptors of each slot's segment): "
+        f"{100 * means['mask_probe']:.1f} % (on the true masks of the same objects: "
+        f"{100 * means['mask_probe_reference']:.1f} %)"
     )
 
 

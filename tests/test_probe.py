@@ -25,6 +25,47 @@ def test_match_objects_takes_the_covering_slot_and_one_object_per_slot():
     assert probe.match_objects(true, pred, 4) == {0: 2, 2: 0}
 
 
+def _polygon_mask(kind: str, radius: float, angle: float, centre=(40.0, 36.0)):
+    """A 96x96 mask of a disc, square or cross of `radius` turned by `angle`."""
+    rows, cols = np.mgrid[0:96, 0:96] + 0.5
+    x, y = cols - centre[0], rows - centre[1]
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (c * x + s * y) / radius, (-s * x + c * y) / radius
+    if kind == "disc":
+        return u**2 + v**2 <= 1.0
+    if kind == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    return ((np.abs(u) <= 1.0) & (np.abs(v) <= 0.36)) | (
+        (np.abs(u) <= 0.36) & (np.abs(v) <= 1.0)
+    )
+
+
+def test_shape_descriptors_ignore_position_angle_and_size_but_not_the_shape():
+    square = _polygon_mask("square", 12.0, 0.0)
+    d = probe.shape_descriptors(square)
+    assert d.shape == (probe.NUM_DESCRIPTORS,)
+    # Moving and turning by 90 degrees map the pixel grid onto itself: the same values.
+    np.testing.assert_allclose(
+        probe.shape_descriptors(np.roll(square, (9, -7), (0, 1))),
+        d,
+        rtol=1e-9,
+        atol=1e-9,
+    )
+    np.testing.assert_allclose(
+        probe.shape_descriptors(np.rot90(square)), d, rtol=1e-9, atol=1e-9
+    )
+    # Other angles and sizes change only the rasterisation; other shapes change much more.
+    variants = [
+        probe.shape_descriptors(_polygon_mask("square", r, a))
+        for r, a in [(12.0, 0.4), (9.0, 1.0), (20.0, 0.25)]
+    ]
+    spread = max(np.abs(v - d).max() for v in variants)
+    for kind in ("disc", "cross"):
+        other = probe.shape_descriptors(_polygon_mask(kind, 12.0, 0.3))
+        assert np.abs(other - d).max() > 3 * spread, kind
+    np.testing.assert_array_equal(probe.shape_descriptors(np.zeros((8, 8))), 0.0)
+
+
 def test_logistic_regression_separates_what_is_separable_and_nothing_else():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 300)
@@ -86,6 +127,32 @@ def test_probe_on_the_built_in_scenes_reads_shapes_from_an_oracle(smoke_run):
     assert out["shape_probe_objects"] == sum(len(k) for _, _, k in examples)
     assert out["shape_probe"] == 1.0
     assert 0.15 < out["shape_probe_chance"] < 0.5
+    # The oracle's segments are the true masks: its mask probe is the reference, well above chance.
+    assert out["mask_probe"] == out["mask_probe_reference"]
+    assert out["mask_probe"] > out["shape_probe_chance"] + 0.25
+
+    def blobs(images):
+        # Every object drawn as a disc of its own area at its centroid, as a model of blobs would.
+        pred, z_what = oracle(images)
+        pred = np.asarray(pred)
+        discs = np.zeros_like(pred)
+        rows, cols = np.mgrid[0 : pred.shape[1], 0 : pred.shape[2]]
+        for i in range(len(pred)):
+            for label in range(1, pred[i].max() + 1):
+                inside = pred[i] == label
+                if inside.any():
+                    r2 = inside.sum() / np.pi
+                    near = (rows - rows[inside].mean()) ** 2 + (
+                        cols - cols[inside].mean()
+                    ) ** 2 <= r2
+                    discs[i][near] = label
+        return discs, z_what
+
+    blob_out = probe.shape_probe(
+        blobs, config.data, split="test", num_images=40, batch_size=16
+    )
+    assert blob_out["mask_probe"] < blob_out["mask_probe_reference"] - 0.2
+    assert blob_out["mask_probe"] < out["mask_probe"] - 0.2
     # A model that leaves everything to the background matches nothing and gives no accuracy.
     blank = probe.shape_probe(
         lambda images: (
