@@ -122,3 +122,10 @@ def object_entropy_weight(step, config: ml_collections.ConfigDict):
     return _ramped(
         config.object_entropy_weight, config.object_entropy_warmup_steps, step
     )
+
+
+def slot_overlap_weight(step, config: ml_collections.ConfigDict):
+    """The slot-overlap weight times min(1, t / N_obj)^2: the object-entropy warm-up (0 by default)."""
+    return _ramped(
+        config.get("slot_overlap_weight", 0.0), config.object_entropy_warmup_steps, step
+    )

@@ -89,6 +89,45 @@ def object_entropy_loss(weights: Float[Array, "b k1 h w"]) -> Float[Array, " b"]
     return _squared_entropy(jnp.mean(weights, axis=(2, 3)))
 
 
+def slot_overlap_loss(
+    masks: Float[Array, "b k h w"],
+    activation_logit: Float[Array, "b k"],
+    background_logit: Float[Array, ""] | float,
+) -> Float[Array, " b"]:
+    """How much the slots would each cover the same pixels if drawn alone (not in the official code).
+
+    ``v_k = alpha_k M_k / (alpha_k M_k + alpha_0) = sigmoid(a_k + log M_k - b)`` is slot k's weight at a
+    pixel if it were the only slot there, and ``L_ovl = mean_{i,j} sum_{k < l} v_{k,ij} v_{l,ij}`` per
+    example. The normalised weights cannot show two slots that each draw the whole of one object: one of
+    them wins every pixel, or they share it out, and the reconstruction is the same (with one-colour
+    glimpses exactly the same). This term is about the object's area for each such pair, and about 0 for
+    slots on different objects.
+
+    Args:
+      masks: [b, k, h, w] placed object masks in [0, 1].
+      activation_logit: [b, k] log-activations ``a_k``.
+      background_logit: the background's log-activation ``b`` (scalar).
+
+    Returns:
+      [b] float32 per-example loss.
+    """
+    if masks.ndim != 4 or activation_logit.shape != masks.shape[:2]:
+        raise ValueError(
+            "slot_overlap_loss needs masks [b, k, h, w] and activation logits [b, k], got "
+            f"{masks.shape} and {activation_logit.shape}."
+        )
+    tiny = jnp.finfo(jnp.float32).tiny
+    log_masks = jnp.log(jnp.maximum(masks.astype(jnp.float32), tiny))
+    alone = jax.nn.sigmoid(
+        activation_logit.astype(jnp.float32)[:, :, None, None]
+        + log_masks
+        - jnp.asarray(background_logit, jnp.float32)
+    )
+    total = jnp.sum(alone, axis=1)
+    pairs = 0.5 * (jnp.square(total) - jnp.sum(jnp.square(alone), axis=1))
+    return jnp.mean(pairs, axis=(1, 2))
+
+
 def quadratic_warmup(step: Array | int, length: Array | int) -> Float[Array, ""]:
     """Quadratic ramp ``r(t) = min(1, t / N)^2`` of the pixel-entropy weight (eq. 22).
 

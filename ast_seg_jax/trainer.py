@@ -345,6 +345,7 @@ def foreground_train_step(
     lr = curriculum.foreground_learning_rate(step, config)
     entropy_weight = curriculum.pixel_entropy_weight(step, config)
     object_weight = curriculum.object_entropy_weight(step, config)
+    overlap_weight = curriculum.slot_overlap_weight(step, config)
 
     def loss_fn(params):
         background = None
@@ -371,14 +372,20 @@ def foreground_train_step(
         if out.mask_distillation is not None:
             distillation_weight = config.get("mask_distillation_weight", 0.0)
             total = total + distillation_weight * out.mask_distillation.mean()
-        return total, (rec, pix, obj, new_vars.get("batch_stats", {}), out)
+        extra = {}
+        if config.get("slot_overlap_weight", 0.0):
+            extra["slot_overlap_loss"] = losses.slot_overlap_loss(
+                out.masks, out.activation_logit, params["background_logit"]
+            ).mean()
+            total = total + overlap_weight * extra["slot_overlap_loss"]
+        return total, (rec, pix, obj, new_vars.get("batch_stats", {}), out, extra)
 
     # Phase 2 differentiates and updates the foreground groups only: the frozen background's gradients
     # would be zeros, and Adam over its parameters would leave them and its zero moments unchanged.
     frozen = (BACKGROUND_PARAMS,) if phase == curriculum.PHASE_FOREGROUND else ()
     held = {k: state.params[k] for k in frozen}
     trainable = {k: v for k, v in state.params.items() if k not in frozen}
-    (loss, (rec, pix, obj, batch_stats, out)), grads = jax.value_and_grad(
+    (loss, (rec, pix, obj, batch_stats, out, extra)), grads = jax.value_and_grad(
         lambda p: loss_fn({**p, **held}), has_aux=True
     )(trainable)
     tx = optim.foreground_optimizer(config)
@@ -400,6 +407,7 @@ def foreground_train_step(
             if out.mask_distillation is not None
             else {}
         ),
+        **extra,
         "learning_rate": lr,
         "l2_grads": grad_norm,
         "l2_params": param_norm,
@@ -468,6 +476,7 @@ class Progress:
                 "reconstruction_loss",
                 "pixel_entropy_loss",
                 "object_entropy_loss",
+                "slot_overlap_loss",
                 "mse",
             )
             if k in metrics

@@ -68,7 +68,11 @@ def test_shapes_paper_variant_switches_off_every_extension():
         "flat_colour",
     ):
         assert paper.model[key] == official.model[key], key
-    for key in ("object_entropy_weight", "mask_distillation_weight"):
+    for key in (
+        "object_entropy_weight",
+        "mask_distillation_weight",
+        "slot_overlap_weight",
+    ):
         assert paper[key] == official[key], key
     # Everything else (sizes, budget) is the default's.
     assert paper.num_train_steps == default.num_train_steps

@@ -48,6 +48,11 @@ def test_object_entropy_weight(step, expected):
     np.testing.assert_allclose(weight, expected, rtol=1e-5, atol=1e-20)
     off_by_default = float(curriculum.object_entropy_weight(step, _config()))
     assert off_by_default == 0.0
+    # The slot-overlap weight shares the object entropy's warm-up.
+    config.slot_overlap_weight = 0.1
+    overlap = float(curriculum.slot_overlap_weight(step, config))
+    np.testing.assert_allclose(overlap, expected / 3e-3 * 0.1, rtol=1e-5, atol=1e-20)
+    assert float(curriculum.slot_overlap_weight(step, _config())) == 0.0
 
 
 def test_background_learning_rate_decays_at_80_percent():

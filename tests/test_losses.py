@@ -104,6 +104,48 @@ class ObjectEntropyLossTest(chex.TestCase):
         self.assertGreater(np.abs(np.asarray(grad)[0, 2]).max(), 0.0)
 
 
+class SlotOverlapLossTest(chex.TestCase):
+    def test_matches_the_formula_by_hand(self):
+        rng = np.random.default_rng(0)
+        masks = rng.uniform(size=(2, 3, 4, 5)).astype(np.float32)
+        masks[0, 1, 0, 0] = 0.0  # an empty pixel: that slot would draw nothing there
+        act = rng.normal(2.0, 1.0, size=(2, 3)).astype(np.float32)
+        b = 1.5
+        u = np.exp(act.astype(np.float64))[:, :, None, None] * masks
+        alone = u / (u + np.exp(b))
+        expected = np.zeros(2)
+        for k in range(3):
+            for j in range(k + 1, 3):
+                expected += (alone[:, k] * alone[:, j]).mean(axis=(1, 2))
+        got = jax.jit(losses.slot_overlap_loss)(masks, act, b)
+        chex.assert_shape(got, (2,))
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+    def test_two_slots_on_one_object_cost_its_area_and_separate_objects_nothing(self):
+        square = np.zeros((8, 8), np.float32)
+        square[2:6, 2:6] = 1.0
+        other = np.zeros((8, 8), np.float32)
+        other[6:, 6:] = 1.0
+        act = jnp.full((1, 2), 20.0)  # visible wherever the mask is positive
+        same = losses.slot_overlap_loss(jnp.asarray([[square, square]]), act, 0.0)
+        apart = losses.slot_overlap_loss(jnp.asarray([[square, other]]), act, 0.0)
+        np.testing.assert_allclose(same, [16 / 64], rtol=1e-5)
+        np.testing.assert_allclose(apart, [0.0], atol=1e-7)
+        # Its gradient lowers a duplicate's activation; it is finite where a mask is exactly 0.
+        grad = jax.grad(
+            lambda a: losses.slot_overlap_loss(
+                jnp.asarray([[square, square]]), a, 18.0
+            )[0]
+        )(act)
+        self.assertTrue(np.all(np.asarray(grad) > 0))
+        grad_masks = jax.grad(lambda m: losses.slot_overlap_loss(m, act, 18.0)[0])(
+            jnp.asarray([[square, other]])
+        )
+        self.assertTrue(np.all(np.isfinite(grad_masks)))
+        with self.assertRaisesRegex(ValueError, "slot_overlap_loss"):
+            losses.slot_overlap_loss(jnp.zeros((1, 2, 4, 4)), jnp.zeros((1, 3)), 0.0)
+
+
 class QuadraticWarmupTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(

@@ -150,6 +150,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the glimpse generator's decoded mask towards the window mask, so that z_what keeps the
     # object's shape. 0: off.
     config.mask_distillation_weight = 0.0
+    # Not official: weight of `losses.slot_overlap_loss` (pixels that two slots would each cover if drawn
+    # alone), ramped up like the object entropy over object_entropy_warmup_steps. 0: off.
+    config.slot_overlap_weight = 0.0
 
     # ---- Logging, evaluation, checkpoints ----
     config.log_loss_every_steps = 100
