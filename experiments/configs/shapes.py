@@ -62,6 +62,16 @@ and why:
   of tests/test_learning.py: ARI-FG 85.0 and mIoU (fg) 75.8 against 61.3 and 56.7 with window masks
   but decoded (multi-coloured) glimpses, whose slots each painted several objects. With z_what from the
   crop encoder instead of the pooled tokens every slot became invisible within 600 steps.
+- The window-mask CNN at 16 channels (`model.window_mask_width=16`, the module's default 32): at 32 it
+  was 28 % of a batch-8 phase-3 step (265 ms against 190 ms without window masks), at 16 the step takes
+  214 ms and the main job 17 min instead of about 22 on a 2-core Intel Xeon. Seed 0 of the full command:
+  ARI-FG 90.4, mIoU (fg) 81.7 against 91.8, 82.4 at 32 channels.
+- Slot-overlap loss (`slot_overlap_weight=0.1`, not in the official code; ramped up with the object
+  entropy): for each pixel, the product of what each pair of slots would draw there if it were drawn
+  alone (losses.slot_overlap_loss). Spare slots used to settle on a large object that another slot
+  already drew, in part or whole: with one-colour glimpses that costs nothing in reconstruction, but
+  the object was split between two slots in the segmentation. Seed 0 of the full command: mIoU (fg)
+  85.9 against 81.7 without it, ARI-FG 90.9 against 90.4.
 - Background autoencoder: the simple AE-NE schedule at a quarter of its widths (`model.background_width`):
   the built-in backgrounds are smooth two-colour gradients, and the full network would cost 14x more.
 - Background pretraining: 300 steps at learning rate 5e-4 (the paper: 500k steps at 2e-3; at 2e-3 and batch 32
@@ -133,6 +143,8 @@ def get_config(arg: str = ""):
     config.model.glimpse_mask = "window"
     config.model.flat_colour = True
     config.mask_distillation_weight = 0.1
+    config.model.window_mask_width = 16
+    config.slot_overlap_weight = 0.1
 
     config.log_loss_every_steps = 200
     config.log_images_every_steps = 2_000
@@ -153,8 +165,9 @@ def paper_faithful(config) -> None:
     """Switches off every extension that is not in the official code; the CPU sizing stays.
 
     The transformer's read-out replaces the tokens again (official), no slot suppression, no
-    object-entropy loss (the official version 2 has none), z_what from the pooled tokens, the glimpse
-    generator's masks and colours (no window masks, no one-colour glimpses, no distillation). The
+    object-entropy or slot-overlap loss (the official version 2 has neither), z_what from the pooled
+    tokens, the glimpse generator's masks and colours (no window masks, no one-colour glimpses, no
+    distillation). The
     widths, step counts, learning rate and initialisation scales of this config stay: they size the
     run for a CPU, they do not change the method.
     """
@@ -164,4 +177,5 @@ def paper_faithful(config) -> None:
     config.model.glimpse_mask = "decoded"
     config.model.flat_colour = False
     config.mask_distillation_weight = 0.0
+    config.slot_overlap_weight = 0.0
     config.object_entropy_weight = 0.0
