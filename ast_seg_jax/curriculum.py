@@ -82,11 +82,18 @@ def foreground_learning_rate(step, config: ml_collections.ConfigDict):
 
 
 def background_learning_rate(step, config: ml_collections.ConfigDict):
-    """Phase-1 learning rate: constant, x0.1 once step >= floor(decay_fraction * steps)."""
+    """Phase-1 learning rate: constant, x0.1 once step >= floor(decay_fraction * steps).
+
+    With `config.background.warmup_steps` W > 0 (not official; 0 in the paper configs) it first rises
+    linearly, lr * min(1, (step + 1) / W). From a random initialisation, ten Adam steps at the full rate
+    make the AE-NE output the same image for every input (the mean image of the batch), and it takes
+    hundreds of steps to depend on the input again; the ramp shortens that (docs/design.md).
+    """
     bg = config.background
     boundary = int(bg.decay_fraction * bg.num_train_steps)
     s = jnp.asarray(step, jnp.float32)
-    return bg.learning_rate * jnp.where(s >= boundary, 0.1, 1.0)
+    warmup = jnp.minimum(1.0, (s + 1.0) / max(bg.get("warmup_steps", 0), 1))
+    return bg.learning_rate * warmup * jnp.where(s >= boundary, 0.1, 1.0)
 
 
 def background_loss_beta(step, config: ml_collections.ConfigDict):

@@ -53,6 +53,8 @@ def test_config_builds(name, arg):
     assert module.__doc__ and "python -m experiments.train" in module.__doc__
     if arg == "tiny":
         assert config.num_train_steps <= 10 and config.background.num_train_steps <= 10
+    # The phase-1 learning-rate warm-up is not official: off in every config for now.
+    assert config.background.warmup_steps == 0
 
 
 def test_shapes_paper_variant_switches_off_every_extension():

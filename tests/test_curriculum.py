@@ -65,6 +65,20 @@ def test_background_learning_rate_decays_at_80_percent():
     )
 
 
+def test_background_warmup_ramps_linearly_then_decays():
+    config = _config()
+    config.background.num_train_steps = 1000
+    config.background.warmup_steps = 100
+    lr = [
+        float(curriculum.background_learning_rate(s, config))
+        for s in (0, 49, 99, 500, 800)
+    ]
+    np.testing.assert_allclose(lr, [2e-5, 1e-3, 2e-3, 2e-3, 2e-4], rtol=1e-6)
+    # Off (0, the official constant rate) gives the full rate from the first step.
+    config.background.warmup_steps = 0
+    assert float(curriculum.background_learning_rate(0, config)) == pytest.approx(2e-3)
+
+
 @pytest.mark.parametrize(
     "scenario, step, phase",
     [

@@ -121,6 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.background.robust_warmup_steps = 0
     # lr x 0.1 from this fraction of the steps on.
     config.background.decay_fraction = 0.8
+    # Linear learning-rate warm-up over this many steps; 0 = the official constant rate.
+    config.background.warmup_steps = 0
     # Directory of a background checkpoint from another run (its WORKDIR/background); used instead of
     # phase 1 when set.
     config.background.restore_from = ""
