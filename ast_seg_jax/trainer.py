@@ -369,10 +369,12 @@ def foreground_train_step(
         pix = losses.pixel_entropy_loss(out.weights).mean()
         obj = losses.object_entropy_loss(out.weights).mean()
         total = rec + entropy_weight * pix + object_weight * obj
-        if out.mask_distillation is not None:
-            distillation_weight = config.get("mask_distillation_weight", 0.0)
-            total = total + distillation_weight * out.mask_distillation.mean()
+        # The optional terms (not official), each logged under its name when the model or config has it.
         extra = {}
+        if out.mask_distillation is not None:
+            extra["mask_distillation_loss"] = out.mask_distillation.mean()
+            distillation_weight = config.get("mask_distillation_weight", 0.0)
+            total = total + distillation_weight * extra["mask_distillation_loss"]
         if config.get("slot_overlap_weight", 0.0):
             extra["slot_overlap_loss"] = losses.slot_overlap_loss(
                 out.masks, out.activation_logit, params["background_logit"]
@@ -402,11 +404,6 @@ def foreground_train_step(
         "pixel_entropy_loss": pix,
         "pixel_entropy_weight": entropy_weight,
         "object_entropy_loss": obj,
-        **(
-            {"mask_distillation_loss": out.mask_distillation.mean()}
-            if out.mask_distillation is not None
-            else {}
-        ),
         **extra,
         "learning_rate": lr,
         "l2_grads": grad_norm,

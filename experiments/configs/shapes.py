@@ -167,9 +167,8 @@ def paper_faithful(config) -> None:
     The transformer's read-out replaces the tokens again (official), no slot suppression, no
     object-entropy or slot-overlap loss (the official version 2 has neither), z_what from the pooled
     tokens, the glimpse generator's masks and colours (no window masks, no one-colour glimpses, no
-    distillation). The
-    widths, step counts, learning rate and initialisation scales of this config stay: they size the
-    run for a CPU, they do not change the method.
+    distillation). The widths, step counts, learning rate and initialisation scales of this config
+    stay: they size the run for a CPU, they do not change the method.
     """
     config.model.transformer_residual = False
     config.model.slot_suppression_sigma = 0.0
