@@ -5,7 +5,8 @@ Training runs go through `python -m experiments.train` in subprocesses with time
 die or several must cooperate; the rest runs in-process. The reference is the session's smoke run
 (`smoke_run` in conftest.py, also the trainer tests' curriculum run), and every training run here uses its
 config, so in-process runs and subprocesses load its executables from the shared persistent compilation
-cache (the two-process test in CI uses a smaller model of its own).
+cache (the two-process training run uses a smaller model of its own and runs with `-m slow`; CI runs the
+two-process plumbing without the model).
 
 One chain of CLI runs serves the signal and kill tests: SIGTERM during phase 1, rerun and kill -9 during
 phase 3, rerun to the end.
@@ -24,6 +25,7 @@ import types
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -46,6 +48,7 @@ from ast_seg_jax import (
     curriculum,
     evaluator,
     input_pipeline,
+    train_state,
     trainer,
 )
 from ast_seg_jax.models.build import build_background_model, build_model
@@ -477,15 +480,57 @@ def _worker(port: int, process_id: int, data_dir: str, out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
-def test_two_processes_match_one(data_dir, cache_dir, tmp_path):
-    # The same initial state everywhere, computed once (the workers skip compiling the initialisation).
-    save_initial_state(_multihost_config(data_dir), str(tmp_path / "initial.npz"))
+def _glue_worker(port: int, process_id: int, out_dir: str) -> None:
+    """One of two processes of `test_two_processes_share_batches_steps_and_checkpoints`."""
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id
+    )
+    mesh = trainer.create_mesh()
+    images = _global_images()[0]
+    rows = len(images) // jax.process_count()
+    local = images[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+    batch = input_pipeline.to_global_arrays({IMAGE: local}, mesh)
+    tx = optax.sgd(0.5)
+    weights = {"w": np.linspace(-1.0, 1.0, 3, dtype=np.float32)}
+    state = trainer.replicate(
+        train_state.create(weights, {}, tx, jax.random.PRNGKey(0)), mesh
+    )
+
+    @jax.jit
+    def step(state, batch):
+        def loss(params):  # Per image: the squared distance of its mean colour to w.
+            colours = batch[IMAGE].mean(axis=(1, 2))
+            return ((colours - params["w"]) ** 2).sum(axis=-1).mean()
+
+        value, grads = jax.value_and_grad(loss)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state
+        ), value
+
+    state, value = step(state, batch)
+    mngr = checkpointing.manager(os.path.join(out_dir, "ckpt"))
+    checkpointing.save(mngr, state)
+    mngr.wait_until_finished()
+    host = jax.device_get(state)
+    fresh = trainer.replicate(jax.tree.map(np.zeros_like, host), mesh)
+    restored = jax.device_get(checkpointing.restore_latest(mngr, fresh))
+    mngr.close()
+    _assert_identical(restored, host)
+    with open(os.path.join(out_dir, f"glue{process_id}.json"), "w") as f:
+        json.dump({"loss": float(value), "w": host.params["w"].tolist()}, f)
+    jax.distributed.shutdown()
+
+
+def _run_two_workers(*args: str, env: dict) -> list[str]:
+    """Runs this file as two cooperating processes (`args` after the port and process id)."""
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, str(port), str(i), data_dir, str(tmp_path)],
+            [sys.executable, __file__, str(port), str(i), *args],
             cwd=REPO,
-            env=_env(cache_dir, devices=2),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -500,6 +545,33 @@ def test_two_processes_match_one(data_dir, cache_dir, tmp_path):
                 p.kill()
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def test_two_processes_share_batches_steps_and_checkpoints(cache_dir, tmp_path):
+    """The multi-host plumbing without the model (CI's share of the slow test below): each process feeds
+    its half of the batch, one jitted step over both processes' devices sees the whole batch, and a
+    checkpoint that both write restores on both."""
+    _run_two_workers("glue", str(tmp_path), env=_env(cache_dir, devices=2))
+    images = _global_images()[0].astype(np.float64)
+    colours = images.mean(axis=(1, 2))
+    w = np.linspace(-1.0, 1.0, 3)
+    loss = ((colours - w) ** 2).sum(axis=-1).mean()
+    w_after = w - 0.5 * 2.0 * (w - colours).mean(axis=0)
+    for i in range(2):
+        with open(tmp_path / f"glue{i}.json") as f:
+            result = json.load(f)
+        np.testing.assert_allclose(result["loss"], loss, rtol=1e-5)
+        np.testing.assert_allclose(result["w"], w_after, rtol=1e-5, atol=1e-6)
+
+
+# Every compiled step and the evaluation of a real run on two processes: about 170 s of one CI worker on
+# 2 cores (three processes compile the phase-3 step), so it runs with `-m slow`; CI runs the test above.
+@pytest.mark.slow
+def test_two_processes_match_one(data_dir, cache_dir, tmp_path):
+    # The same initial state everywhere, computed once (the workers skip compiling the initialisation).
+    save_initial_state(_multihost_config(data_dir), str(tmp_path / "initial.npz"))
+    outputs = _run_two_workers(data_dir, str(tmp_path), env=_env(cache_dir, devices=2))
     config = _multihost_config(data_dir)
     losses, state = data_parallel_steps(config, _global_images(), str(tmp_path / "one"))
     leaves = jax.tree.leaves(state.params)
@@ -577,4 +649,7 @@ def test_two_process_cli_run_and_resume(data_dir, cache_dir, tmp_path):
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if sys.argv[3] == "glue":
+        _glue_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[4])
+    else:
+        _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
