@@ -1,5 +1,5 @@
-"""The sub-pixel transposed convolution equals Flax's / XLA's dilated one, values and gradients;
-BatchNorm follows PyTorch's BatchNorm2d."""
+"""The sub-pixel transposed convolution equals Flax's / XLA's dilated one, values and gradients; the
+shifted-product depthwise convolution equals XLA's grouped one; BatchNorm follows PyTorch's BatchNorm2d."""
 
 import chex
 import flax.linen as nn
@@ -88,6 +88,68 @@ def test_empty_output_and_channel_mismatch_are_reported():
         layers.conv_transpose(x, jnp.zeros((5, 5, 3, 1)), (1, 1), ((0, 0), (0, 0)))
     with pytest.raises(ValueError, match="channels"):
         layers.conv_transpose(x, jnp.zeros((2, 2, 4, 1)), (1, 1), ((1, 1), (1, 1)))
+
+
+# (input hw, kernel hw, padding): Segformer's Mix-FFN (3x3, padding 1, maps down to 1x1), then
+# asymmetric, zero and larger-than-kernel padding (a negative gradient padding).
+DEPTHWISE_CASES = [
+    ((16, 16), (3, 3), ((1, 1), (1, 1))),
+    ((1, 1), (3, 3), ((1, 1), (1, 1))),
+    ((7, 6), (3, 2), ((0, 2), (2, 1))),
+    ((8, 5), (3, 3), ((3, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("hw,khw,padding", DEPTHWISE_CASES)
+def test_depthwise_conv_matches_grouped_convolution(hw, khw, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*khw, 1, 5)), jnp.float32)
+
+    def grouped(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (1, 1),
+            padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=5,
+        )
+
+    def shifted(x, kernel):
+        return layers.depthwise_conv(x, kernel, padding)
+
+    want, want_vjp = jax.vjp(grouped, x, kernel)
+    got, got_vjp = jax.vjp(jax.jit(shifted), x, kernel)
+    chex.assert_equal_shape([got, want])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        chex.assert_equal_shape([g, w])
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_depthwise_module_is_a_drop_in_for_a_grouped_flax_conv(dtype):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6, 6, 8)), jnp.float32)
+    kwargs = {"padding": ((1, 1), (1, 1)), "dtype": dtype}
+    init = {"bias_init": nn.initializers.normal(1.0)}
+    theirs = nn.Conv(8, (3, 3), feature_group_count=8, **kwargs, **init)
+    params = theirs.init(jax.random.PRNGKey(0), x)
+    want = theirs.apply(params, x)
+    tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
+    for shifted in (True, False):
+        ours = layers.DepthwiseConv((3, 3), shifted=shifted, **kwargs, **init)
+        # Same parameter names and shapes, so checkpoints of either load into the other.
+        chex.assert_trees_all_equal_shapes(ours.init(jax.random.PRNGKey(0), x), params)
+        got = ours.apply(params, x)
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(
+            got.astype(jnp.float32),
+            want.astype(jnp.float32),
+            atol=tolerance,
+            rtol=tolerance,
+        )
 
 
 def test_batch_norm_matches_pytorch_batch_norm_2d():

@@ -1,5 +1,6 @@
 """Layers shared by the convolutional networks: a transposed convolution that XLA's CPU backend
-trains faster (background model and U-Net), and BatchNorm with PyTorch's semantics (`BatchNorm`).
+trains faster (background model and U-Net), a depthwise convolution that it trains faster too
+(`DepthwiseConv`, Segformer's Mix-FFN), and BatchNorm with PyTorch's semantics (`BatchNorm`).
 
 `ConvTranspose` computes exactly what ``flax.linen.ConvTranspose`` computes with explicit padding
 (and ``transpose_kernel=False``), with the same parameters (``kernel`` of shape
@@ -25,6 +26,7 @@ Writing ``u = s q + r`` (``0 <= r < s``), the taps that hit an input sample are
 ``W[t0(r) + s (a - c(r))]`` at window offset ``a``.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -165,6 +167,137 @@ class ConvTranspose(nn.Module):
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
         return y
+
+
+def _shifted_products(
+    xp: Float[Array, "b hp wp c"], kernel: Float[Array, "kh kw 1 c"], out_hw
+) -> Float[Array, "b h w c"]:
+    """sum over taps (a, d) of xp[:, a : a + h, d : d + w] * kernel[a, d, 0] (one fused loop in XLA)."""
+    (h, w), (kh, kw) = out_hw, kernel.shape[:2]
+    out = None
+    for a in range(kh):
+        for d in range(kw):
+            term = xp[:, a : a + h, d : d + w, :] * kernel[a, d, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def _pad_hw(x: Array, padding) -> Array:
+    """Zero padding of the two spatial axes (negative values crop, as in lax.pad)."""
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    config = [(0, 0, 0), (lo_h, hi_h, 0), (lo_w, hi_w, 0), (0, 0, 0)]
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(
+    x: Float[Array, "b h w c"],
+    kernel: Float[Array, "kh kw 1 c"],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+) -> Float[Array, "b h2 w2 c"]:
+    """Stride-1 depthwise correlation (each channel with its own filter) as a sum of shifted products.
+
+    The same sum as ``lax.conv_general_dilated(..., feature_group_count=c)``, tap by tap: out[i, j] =
+    sum over (a, d) of pad(x)[i + a, j + d] * kernel[a, d, 0]. XLA's CPU backend compiles the
+    grouped convolution's gradient into something far slower than these element-wise products and
+    their reductions. The gradient is written out (a custom VJP): with respect to the input it is
+    the same kind of sum on the padded output gradient with the kernel flipped, with respect to the
+    kernel one reduction per tap; differentiating the slices instead pads each tap's gradient to the
+    full input, about twice as slow. `experiments/bench_depthwise.py` measures the forms.
+
+    Args:
+      x: [b, h, w, c] input.
+      kernel: [kh, kw, 1, c] filters (Flax's layout for ``feature_group_count=c``).
+      padding: ((lo_h, hi_h), (lo_w, hi_w)) zero padding.
+
+    Returns:
+      [b, h + lo_h + hi_h - kh + 1, w + lo_w + hi_w - kw + 1, c].
+    """
+    return _depthwise_forward(x, kernel, padding)[0]
+
+
+def _depthwise_forward(x, kernel, padding):
+    kh, kw = kernel.shape[:2]
+    xp = _pad_hw(x, padding)
+    out_hw = (xp.shape[1] - kh + 1, xp.shape[2] - kw + 1)
+    return _shifted_products(xp, kernel, out_hw), (xp, kernel)
+
+
+def _depthwise_backward(padding, residuals, g):
+    xp, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    # d out[i] / d x[m] = kernel[m + lo - i]: a correlation of g, padded by k - 1 - lo before and
+    # k - 1 - hi after, with the flipped kernel.
+    gp = _pad_hw(g, ((kh - 1 - lo_h, kh - 1 - hi_h), (kw - 1 - lo_w, kw - 1 - hi_w)))
+    in_hw = (xp.shape[1] - lo_h - hi_h, xp.shape[2] - lo_w - hi_w)
+    dx = _shifted_products(gp, kernel[::-1, ::-1], in_hw)
+    h, w = g.shape[1], g.shape[2]
+    dkernel = jnp.stack(
+        [
+            jnp.stack(
+                [
+                    jnp.sum(xp[:, a : a + h, d : d + w, :] * g, axis=(0, 1, 2))
+                    for d in range(kw)
+                ]
+            )
+            for a in range(kh)
+        ]
+    )
+    return dx, dkernel[:, :, None, :].astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_forward, _depthwise_backward)
+
+
+class DepthwiseConv(nn.Module):
+    """Drop-in for a stride-1 ``nn.Conv`` with ``feature_group_count`` = channels (same parameters).
+
+    On a CPU it computes `depthwise_conv`; on other backends XLA's grouped convolution (a single
+    library call on a GPU, not measured against this form yet). Both give the same numbers.
+
+    Attributes:
+      kernel_size: (kh, kw).
+      padding: ((lo_h, hi_h), (lo_w, hi_w)).
+      kernel_init: initialiser of the (kh, kw, 1, c) kernel.
+      bias_init: initialiser of the (c,) bias.
+      dtype: computation dtype (None: that of the input); parameters stay float32.
+      shifted: None picks by backend (CPU: shifted products); True / False forces one form.
+    """
+
+    kernel_size: Sequence[int]
+    padding: Sequence[tuple[int, int]]
+    kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., Any] = nn.initializers.zeros_init()
+    dtype: Any = None
+    shifted: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 c"]:
+        """Maps [b, h, w, c] to [b, h2, w2, c]."""
+        c = x.shape[-1]
+        kernel = self.param(
+            "kernel", self.kernel_init, (*self.kernel_size, 1, c), jnp.float32
+        )
+        bias = self.param("bias", self.bias_init, (c,), jnp.float32)
+        dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        padding = tuple(tuple(int(v) for v in p) for p in self.padding)
+        shifted = self.shifted
+        if shifted is None:
+            shifted = jax.default_backend() == "cpu"
+        if shifted:
+            y = depthwise_conv(x, kernel, padding)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (1, 1),
+                padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=c,
+            )
+        return y + bias.astype(y.dtype)
 
 
 class BatchNorm(nn.Module):
