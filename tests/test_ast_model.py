@@ -267,8 +267,9 @@ def test_residual_transformer_corrects_everything_but_the_positions():
     }
     apply = jax.jit(lambda m, v: m.apply(v, _images(), train=False), static_argnums=0)
     want = apply(plain, {**variables, "params": plain_params})
-    # A non-zero read-out moves scale, activation and appearance but never the positions.
-    np.testing.assert_array_equal(np.asarray(out.xy), np.asarray(want.xy))
+    # A non-zero read-out moves scale, activation and appearance but never the positions (equal up
+    # to float rounding: the two models are compiled separately, and XLA may fuse them differently).
+    np.testing.assert_allclose(np.asarray(out.xy), np.asarray(want.xy), atol=1e-6)
     np.testing.assert_allclose(
         np.asarray(out.xy), np.asarray(inter["xy_pooled"][0]), atol=1e-6
     )
@@ -556,10 +557,13 @@ def test_crop_encoder_reads_each_slot_window_and_sets_z_what_and_the_offset():
     pooled = jax.jit(lambda v: tiny_ast().apply(v, _images(), train=False))(
         {**variables, "params": plain}
     )
-    # Scale and activation still come from the pooled tokens ...
+    # Scale and activation still come from the pooled tokens (up to float rounding: two programs) ...
     for name in ("scale", "activation_logit"):
         np.testing.assert_allclose(
-            np.asarray(getattr(out, name)), np.asarray(getattr(pooled, name)), atol=1e-6
+            np.asarray(getattr(out, name)),
+            np.asarray(getattr(pooled, name)),
+            atol=1e-6,
+            rtol=1e-6,
         )
     # ... z_what is the crop encoder applied to the windows at the pooled positions, and the
     # glimpse moves within its window by the encoder's offset (at most half a half-extent).

@@ -284,3 +284,36 @@ def test_normalize_input_flag():
         jax.eval_shape(
             lambda: normed.apply(variables, jnp.zeros((1, 32, 32, 4)), train=False)
         )
+
+
+def test_linear_fuse_equals_upsample_concatenate_then_convolve():
+    """The head multiplies each stage map by its kernel block before upsampling: same values and
+    gradients as the official order (upsample, concatenate deepest first, 1x1 convolution)."""
+    rng = np.random.default_rng(0)
+    d, out_shape = 6, (2, 10, 12, 6)
+    projected = [
+        jnp.asarray(rng.normal(size=(2, h, w, d)), jnp.float32)
+        for h, w in ((10, 12), (5, 6), (3, 3), (1, 2))
+    ]
+    module = sf._LinearFuse(d, out_shape)
+    params = module.init(jax.random.key(0), projected)
+    assert params["params"]["kernel"].shape == (1, 1, 4 * d, d)
+
+    def official(params, projected):
+        upsampled = [
+            jax.image.resize(y, out_shape, method="bilinear") for y in projected
+        ]
+        x = jnp.concatenate(upsampled[::-1], axis=-1)
+        return jax.lax.conv_general_dilated(
+            x, params["params"]["kernel"], (1, 1), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
+
+    want, want_vjp = jax.vjp(official, params, projected)
+    got, got_vjp = jax.vjp(module.apply, params, projected)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    for g, w in zip(
+        jax.tree.leaves(got_vjp(cotangent)), jax.tree.leaves(want_vjp(cotangent))
+    ):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

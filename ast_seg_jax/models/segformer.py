@@ -480,6 +480,48 @@ class SegformerEncoder(nn.Module):
         return features
 
 
+class _LinearFuse(nn.Module):
+    """The decode head's upsampling, concatenation and bias-free 1x1 ``linear_fuse`` convolution.
+
+    The official head upsamples each projected stage map to the stage-1 size (bilinear, half-pixel
+    centres: torch's ``align_corners=False``), concatenates them, deepest stage first, and applies a
+    1x1 convolution. Upsampling is linear and acts on each channel alone, so it commutes with the
+    per-pixel matrix product: here each stage map is multiplied by its block of the kernel at its own
+    resolution, then upsampled, and the four results are added. The values are the same up to float
+    rounding (tests/test_segformer.py compares the head with Hugging Face's PyTorch one); the product costs 1/4, 1/16 and 1/64 of
+    its stage-1 cost for stages 2-4, and no 4x-wide concatenated map is built. This was most of the
+    head's cost on a CPU (about a quarter of an objects_room phase-2 step, docs/benchmarks.md). The
+    parameter is the convolution's ``kernel`` of shape (1, 1, stages * d, d), as in the official head.
+
+    Attributes:
+      features: output channels d.
+      out_shape: (b, h1, w1, d) of the stage-1 map.
+      dtype: computation dtype.
+    """
+
+    features: int
+    out_shape: tuple[int, int, int, int]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, projected: Sequence[Float[Array, "b hi wi d"]]) -> Array:
+        """Maps the projected stage maps, stage 1 first, to [b, h1, w1, features]."""
+        d = projected[0].shape[-1]
+        stages = len(projected)
+        kernel = self.param(
+            "kernel", _KERNEL_INIT, (1, 1, stages * d, self.features), jnp.float32
+        )
+        kernel = kernel[0, 0].astype(self.dtype)
+        out = None
+        for i, y in enumerate(projected):
+            block = stages - 1 - i  # Concatenated deepest stage first.
+            y = y.astype(self.dtype) @ kernel[block * d : (block + 1) * d]
+            if y.shape != self.out_shape:
+                y = jax.image.resize(y, self.out_shape, method="bilinear")
+            out = y if out is None else out + y
+        return out
+
+
 class SegformerDecodeHead(nn.Module):
     """All-MLP decode head: project, upsample to stage 1, fuse, classify.
 
@@ -514,24 +556,11 @@ class SegformerDecodeHead(nn.Module):
             )
         b, h1, w1, _ = features[0].shape
         d = cfg.decoder_hidden_size
-        projected = []
-        for i, feature in enumerate(features):
-            y = _dense(d, f"linear_c_{i}", self.dtype)(feature)
-            if y.shape[1:3] != (h1, w1):
-                # Bilinear, half-pixel centres: equals torch's align_corners=False when
-                # upsampling (the only direction used here).
-                y = jax.image.resize(y, (b, h1, w1, d), method="bilinear")
-            projected.append(y)
-        x = jnp.concatenate(projected[::-1], axis=-1)
-        x = nn.Conv(
-            d,
-            (1, 1),
-            padding="VALID",
-            use_bias=False,
-            kernel_init=_KERNEL_INIT,
-            dtype=self.dtype,
-            name="linear_fuse",
-        )(x)
+        projected = [
+            _dense(d, f"linear_c_{i}", self.dtype)(feature)
+            for i, feature in enumerate(features)
+        ]
+        x = _LinearFuse(d, (b, h1, w1, d), self.dtype, name="linear_fuse")(projected)
         x = layers.BatchNorm(  # PyTorch semantics: unbiased running variance.
             use_running_average=not train,
             momentum=0.9,
