@@ -528,7 +528,8 @@ def test_slot_suppression_in_the_model_and_build():
     _, _, _, inter = _eval(slot_suppression_sigma=0.3)
     _, _, _, plain = _eval()
     xy, xy_plain = np.asarray(inter["xy_pooled"][0]), np.asarray(plain["xy_pooled"][0])
-    np.testing.assert_array_equal(xy[:, 0], xy_plain[:, 0])  # The first slot is free.
+    # The first slot is free (equal up to float rounding: two programs).
+    np.testing.assert_allclose(xy[:, 0], xy_plain[:, 0], atol=1e-6)
     assert np.abs(xy - xy_plain).max() > 1e-3  # Later slots moved.
     attention = np.asarray(inter["attention"][0])
     np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)

@@ -1,6 +1,8 @@
 """The sub-pixel transposed convolution equals Flax's / XLA's dilated one, values and gradients; the
 shifted-product depthwise convolution equals XLA's grouped one; BatchNorm follows PyTorch's BatchNorm2d."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -32,19 +34,25 @@ def _reference(x, kernel, strides, padding):
     )
 
 
+# Both ways of computing the phases (one convolution each, or one for all), and the automatic choice.
+FORMS = [True, False, None]
+
+
+@pytest.mark.parametrize("per_phase", FORMS)
 @pytest.mark.parametrize("hw,khw,strides,padding", CASES)
-def test_matches_dilated_convolution(hw, khw, strides, padding):
+def test_matches_dilated_convolution(hw, khw, strides, padding, per_phase):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, *hw, 3)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(*khw, 3, 5)), jnp.float32)
     want = _reference(x, kernel, strides, padding)
-    got = layers.conv_transpose(x, kernel, strides, padding)
+    got = layers.conv_transpose(x, kernel, strides, padding, per_phase)
     chex.assert_shape(got, want.shape)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_phase", FORMS[:2])
 @pytest.mark.parametrize("hw,khw,strides,padding", CASES[1::3])
-def test_gradients_match_dilated_convolution(hw, khw, strides, padding):
+def test_gradients_match_dilated_convolution(hw, khw, strides, padding, per_phase):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, *hw, 3)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(*khw, 3, 5)), jnp.float32)
@@ -56,9 +64,8 @@ def test_gradients_match_dilated_convolution(hw, khw, strides, padding):
         return jnp.sum(fn(x, k, strides, padding) * cot)
 
     want_g = jax.grad(lambda x, k: loss(_reference, x, k), argnums=(0, 1))(x, kernel)
-    got_g = jax.grad(lambda x, k: loss(layers.conv_transpose, x, k), argnums=(0, 1))(
-        x, kernel
-    )
+    ours = functools.partial(layers.conv_transpose, per_phase=per_phase)
+    got_g = jax.grad(lambda x, k: loss(ours, x, k), argnums=(0, 1))(x, kernel)
     for g, w in zip(got_g, want_g):
         np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-4)
 

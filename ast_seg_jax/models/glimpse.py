@@ -12,8 +12,9 @@ sigmoid. Channels start at twice the glimpse side and halve at every layer:
 | 64 | 128, 64, 32, 16, 8, 4 | 8, 4, 2, 1, 1 | images up to 128x128 |
 | 128 | 256, 128, 64, 32, 16, 8, 4 | 16, 8, 4, 2, 1, 1 | larger images |
 
-GroupNorm uses the two-pass variance (``use_fast_variance=False``) like PyTorch. Parameter
-names: ``conv_{i}`` (transposed convolutions, the last with a bias) and ``norm_{i}``.
+The transposed convolutions are computed as sub-pixel convolutions (`layers.ConvTranspose`: the
+same parameters and outputs as Flax's, about 1.4x faster to train on a CPU). GroupNorm uses the
+two-pass variance (``use_fast_variance=False``) like PyTorch. Parameter names: ``conv_{i}`` (transposed convolutions, the last with a bias) and ``norm_{i}``.
 
 Initialisation follows PyTorch's ConvTranspose2d defaults: kernel and bias
 U(+-1/sqrt(out_channels * k^2)) (PyTorch computes the fan-in of a transposed convolution
@@ -27,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from ast_seg_jax.models import layers
 
 GLIMPSE_SIZES = (32, 64, 128)
 
@@ -95,7 +98,7 @@ class GlimpseGenerator(nn.Module):
             out_channels = 4 if last else channels
             # PyTorch T(2,1,0) on 1x1 -> pad (1,1); T(4,2,1) -> lhs-dilated, pad (2,2).
             kernel, stride, pad = (2, 1, 1) if i == 0 else (4, 2, 2)
-            x = nn.ConvTranspose(
+            x = layers.ConvTranspose(
                 out_channels,
                 kernel_size=(kernel, kernel),
                 strides=(stride, stride),

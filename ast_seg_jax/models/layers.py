@@ -6,15 +6,19 @@ trains faster (background model and U-Net), a depthwise convolution that it trai
 (and ``transpose_kernel=False``), with the same parameters (``kernel`` of shape
 ``(kh, kw, in, out)`` and an optional ``bias``), but without the stride-dilated input: each
 of the ``sh * sw`` output phases of a stride-``s`` transposed convolution is an ordinary
-convolution of the undilated input with a subset of the kernel taps. The phases are computed by
-one convolution with ``sh * sw * out`` output channels and interleaved by a depth-to-space
-reshape ("sub-pixel convolution").
+convolution of the undilated input with a subset of the kernel taps. Two ways to compute the
+phases, with the same numbers: one convolution each, with exactly that phase's taps (a strided
+slice of the kernel), or one convolution for all with ``sh * sw * out`` output channels, whose
+kernel is gathered from the taps and holds zeros where a phase has fewer taps than the window
+(1.44x the multiplications at kernel 5 and stride 2, 2.25x at kernel 4). Either way the phases are
+interleaved by a depth-to-space reshape ("sub-pixel convolution"). `conv_transpose` picks per layer
+(`PER_PHASE_MIN_FEATURES`).
 
 Why: XLA's CPU backend runs the gradient of a stride-dilated convolution at a small fraction of
 the speed of an ordinary convolution, and three quarters of a stride-2 dilated input is zeros.
-`experiments/bench_conv_transpose.py` measures both forms: the AE-NE background autoencoder
-(stacks of stride-2, kernel-5 transposed convolutions on up to 128x128 maps) trains about 3-4x
-faster with this one; the small glimpse generator is slightly faster with Flax's and keeps it.
+`experiments/bench_conv_transpose.py` measures it against Flax's: the AE-NE background autoencoder
+(stacks of stride-2, kernel-5 transposed convolutions on up to 128x128 maps) trains about 3-7x
+faster with this one, the glimpse generator about 1.4x.
 The numbers are the same (up to float rounding), so checkpoints and the PyTorch correspondence
 of the calling modules do not change.
 
@@ -22,8 +26,8 @@ Derivation, per spatial axis, for stride ``s``, kernel ``k`` and padding ``(lo, 
 dilated input: ``out[o] = sum_t [(u + t) mod s = 0] x[(u + t) / s] W[t]`` with ``u = o - lo``.
 Writing ``u = s q + r`` (``0 <= r < s``), the taps that hit an input sample are
 ``t = t0(r) + s j`` with ``t0(r) = (s - r) mod s``, and they read ``x[q + c(r) + j]`` with
-``c(r) = 0 if r == 0 else 1``. So phase ``r`` is a correlation of ``x`` with the taps
-``W[t0(r) + s (a - c(r))]`` at window offset ``a``.
+``c(r) = 0 if r == 0 else 1``. So phase ``r`` is a correlation of ``x``, from offset ``c(r)`` on,
+with the taps ``W[t0(r)::s]``.
 """
 
 import functools
@@ -37,24 +41,84 @@ import numpy as np
 from jaxtyping import Array, Float
 
 
-def _phase_taps(kernel: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each window offset a and phase r: the kernel tap it uses and whether it exists.
+def _phases(kernel: int, stride: int) -> tuple[list[tuple[int, int]], int]:
+    """Per output phase r: (first tap t0(r), window offset c(r)); and the common window length.
 
-    Returns:
-      (taps, valid), both [window, stride]; taps are clipped into [0, kernel) where invalid.
+    Phase r uses the taps t0(r), t0(r) + s, ... < kernel, read at window offsets c(r), c(r) + 1, ...
     """
-    t0 = [(stride - r) % stride for r in range(stride)]
-    c = [0 if r == 0 else 1 for r in range(stride)]
-    window = max(c[r] + -(-(kernel - t0[r]) // stride) for r in range(stride))
-    window = max(window, 1)
-    taps = np.zeros((window, stride), np.int32)
-    valid = np.zeros((window, stride), bool)
-    for a in range(window):
-        for r in range(stride):
-            t = t0[r] + stride * (a - c[r])
-            if a >= c[r] and 0 <= t < kernel:
-                taps[a, r], valid[a, r] = t, True
-    return taps, valid
+    phases = [((stride - r) % stride, 0 if r == 0 else 1) for r in range(stride)]
+    window = max(c + len(range(t0, kernel, stride)) for t0, c in phases)
+    return phases, max(window, 1)
+
+
+# `conv_transpose` computes each phase on its own from this many output channels on, and below it
+# one convolution for all phases unless that would multiply by zero taps half the time or more
+# (kernel 4, stride 2). Measured per layer, forward and backward at batch 8 on a 2-core CPU (the
+# background, U-Net and glimpse layers of the configs): per phase was 1.2-2x faster from 128
+# output channels on, and at kernel 4 at any width; one convolution was faster at kernel 5 below
+# 64 output channels (up to 3x at 4), where the per-phase products are too small to run well.
+PER_PHASE_MIN_FEATURES = 128
+
+
+def _per_phase_convolutions(x, kernel, phases, q_hw, strides):
+    """[b, qh, sh, qw, sw, f]: one convolution per phase with exactly its taps (strided slices)."""
+    (qh, qw), (sh, sw) = q_hw, strides
+    b, f = x.shape[0], kernel.shape[-1]
+    rows = []
+    for t_h, c_h in phases[0]:
+        row = []
+        for t_w, c_w in phases[1]:
+            sub = kernel[t_h::sh, t_w::sw]
+            if (
+                sub.shape[0] == 0 or sub.shape[1] == 0
+            ):  # Kernel smaller than the stride.
+                row.append(jnp.zeros((b, qh, qw, f), x.dtype))
+                continue
+            xs = x[
+                :, c_h : c_h + qh + sub.shape[0] - 1, c_w : c_w + qw + sub.shape[1] - 1
+            ]
+            row.append(
+                jax.lax.conv_general_dilated(
+                    xs,
+                    sub.astype(x.dtype),
+                    (1, 1),
+                    "VALID",
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                )
+            )
+        rows.append(jnp.stack(row, axis=3))  # [b, qh, qw, sw, f]
+    return jnp.stack(rows, axis=2)
+
+
+def _one_convolution(x, kernel, phases, windows, strides):
+    """[b, qh, sh, qw, sw, f]: one convolution with sh * sw * f outputs, whose kernel holds every
+    phase's taps at their window offsets and zeros where a phase has none."""
+    kh, kw, c, f = kernel.shape
+    (sh, sw), (mh, mw) = strides, windows
+    taps, valid = [], []
+    for k, s, m, phase in zip((kh, kw), strides, windows, phases):
+        t = np.zeros((m, s), np.int32)
+        v = np.zeros((m, s), bool)
+        for r, (t0, c0) in enumerate(phase):
+            for a in range(c0, m):
+                tap = t0 + s * (a - c0)
+                if tap < k:
+                    t[a, r], v[a, r] = tap, True
+        taps.append(t)
+        valid.append(v)
+    (th, tw), (vh, vw) = taps, valid
+    sub = kernel[th[:, None, :, None], tw[None, :, None, :]]  # [mh, mw, sh, sw, c, f]
+    mask = (vh[:, None, :, None] & vw[None, :, None, :]).astype(kernel.dtype)
+    sub = (sub * mask[..., None, None]).transpose(0, 1, 4, 2, 3, 5)
+    y = jax.lax.conv_general_dilated(
+        x,
+        sub.reshape(mh, mw, c, sh * sw * f).astype(x.dtype),
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    b, qh, qw = y.shape[:3]
+    return y.reshape(b, qh, qw, sh, sw, f).transpose(0, 1, 3, 2, 4, 5)
 
 
 def conv_transpose(
@@ -62,6 +126,7 @@ def conv_transpose(
     kernel: Float[Array, "kh kw c f"],
     strides: Sequence[int],
     padding: Sequence[tuple[int, int]],
+    per_phase: bool | None = None,
 ) -> Float[Array, "b h2 w2 f"]:
     """``lax.conv_transpose(x, kernel, strides, padding)`` (NHWC, HWIO, explicit padding).
 
@@ -71,6 +136,8 @@ def conv_transpose(
       strides: (sh, sw), each >= 1.
       padding: ((lo_h, hi_h), (lo_w, hi_w)), padding of the stride-dilated input (may be
         negative, which crops).
+      per_phase: one convolution per output phase (True) or one for all (False); None chooses
+        by `PER_PHASE_MIN_FEATURES`. Both give the same numbers.
 
     Returns:
       [b, (h - 1) sh + 1 + lo_h + hi_h - kh + 1, (likewise for w), f].
@@ -81,7 +148,7 @@ def conv_transpose(
         raise ValueError(
             f"conv_transpose: input has {c} channels, kernel expects {kc}."
         )
-    out_sizes, crops, pads, taps_valid = [], [], [], []
+    out_sizes, crops, pads, windows, phases = [], [], [], [], []
     for n, k, s, (lo, hi) in zip((h, w), (kh, kw), strides, padding):
         out_len = (n - 1) * s + 1 + lo + hi - k + 1
         if out_len < 1:
@@ -89,36 +156,28 @@ def conv_transpose(
                 f"conv_transpose: empty output for size {n}, kernel {k}, stride {s}, "
                 f"padding {(lo, hi)}."
             )
-        taps, valid = _phase_taps(k, s)
-        window = taps.shape[0]
+        phase, window = _phases(k, s)
         q0 = (-lo) // s
         q1 = (out_len - 1 - lo) // s
         pads.append((-q0, q1 + window - 1 - (n - 1)))
         crops.append((-lo - s * q0, out_len))
         out_sizes.append(out_len)
-        taps_valid.append((taps, valid))
-    (th, vh), (tw, vw) = taps_valid
-    sh, sw = strides
-    # [Mh, Mw, sh, sw, c, f] gathered taps, zero where a phase has no tap at that offset.
-    sub = kernel[th[:, None, :, None], tw[None, :, None, :]]
-    mask = (vh[:, None, :, None] & vw[None, :, None, :]).astype(kernel.dtype)
-    sub = sub * mask[..., None, None]
-    mh, mw = th.shape[0], tw.shape[0]
-    sub = sub.transpose(0, 1, 4, 2, 3, 5).reshape(mh, mw, c, sh * sw * f)
+        windows.append(window)
+        phases.append(phase)
     x = jax.lax.pad(
         x,
         jnp.zeros((), x.dtype),
         [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)],
     )
-    y = jax.lax.conv_general_dilated(
-        x,
-        sub.astype(x.dtype),
-        (1, 1),
-        "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    qh, qw = y.shape[1], y.shape[2]
-    y = y.reshape(b, qh, qw, sh, sw, f).transpose(0, 1, 3, 2, 4, 5)
+    qh, qw = x.shape[1] - windows[0] + 1, x.shape[2] - windows[1] + 1
+    sh, sw = strides
+    if per_phase is None:
+        waste = windows[0] * windows[1] * sh * sw / (kh * kw)
+        per_phase = sh * sw == 1 or f >= PER_PHASE_MIN_FEATURES or waste >= 2.0
+    if per_phase:
+        y = _per_phase_convolutions(x, kernel, phases, (qh, qw), strides)
+    else:
+        y = _one_convolution(x, kernel, phases, windows, strides)
     y = y.reshape(b, qh * sh, qw * sw, f)
     (start_h, len_h), (start_w, len_w) = crops
     return y[:, start_h : start_h + len_h, start_w : start_w + len_w]
