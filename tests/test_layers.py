@@ -70,6 +70,24 @@ def test_gradients_match_dilated_convolution(hw, khw, strides, padding, per_phas
         np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-4)
 
 
+def test_wide_layers_as_tap_products_match_dilated_convolution():
+    """From PER_PHASE_MIN_FEATURES outputs on, the per-phase convolutions and their gradients are
+    matrix products per kernel tap."""
+    rng = np.random.default_rng(2)
+    f = layers.PER_PHASE_MIN_FEATURES
+    x = jnp.asarray(rng.normal(size=(2, 5, 4, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(5, 5, 6, f)), jnp.float32)
+    strides, padding = (2, 2), ((2, 3), (2, 2))
+    want, want_vjp = jax.vjp(lambda x, k: _reference(x, k, strides, padding), x, kernel)
+    got, got_vjp = jax.vjp(
+        lambda x, k: layers.conv_transpose(x, k, strides, padding), x, kernel
+    )
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-4)
+
+
 def test_module_is_a_drop_in_for_flax_conv_transpose():
     kwargs = {
         "features": 6,
