@@ -98,13 +98,16 @@ def test_module_is_a_drop_in_for_flax_conv_transpose():
         "bias_init": nn.initializers.normal(1.0),
     }
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 5, 4)), jnp.float32)
-    ours, theirs = layers.ConvTranspose(**kwargs), nn.ConvTranspose(**kwargs)
+    theirs = nn.ConvTranspose(**kwargs)
     params = theirs.init(jax.random.PRNGKey(0), x)
-    # Same parameter names and shapes, so checkpoints of either load into the other.
-    chex.assert_trees_all_equal_shapes(ours.init(jax.random.PRNGKey(0), x), params)
-    np.testing.assert_allclose(
-        ours.apply(params, x), theirs.apply(params, x), atol=1e-4, rtol=1e-5
-    )
+    # The CPU's sub-pixel form and the other backends' lax.conv_transpose.
+    for sub_pixel in (None, True, False):
+        ours = layers.ConvTranspose(**kwargs, sub_pixel=sub_pixel)
+        # Same parameter names and shapes, so checkpoints of either load into the other.
+        chex.assert_trees_all_equal_shapes(ours.init(jax.random.PRNGKey(0), x), params)
+        np.testing.assert_allclose(
+            ours.apply(params, x), theirs.apply(params, x), atol=1e-4, rtol=1e-5
+        )
 
 
 def test_empty_output_and_channel_mismatch_are_reported():

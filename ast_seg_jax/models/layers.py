@@ -238,7 +238,11 @@ def conv_transpose(
 
 
 class ConvTranspose(nn.Module):
-    """Drop-in for ``nn.ConvTranspose`` with explicit padding, computed by `conv_transpose`.
+    """Drop-in for ``nn.ConvTranspose`` with explicit padding, computed by `conv_transpose` on a CPU.
+
+    On other backends it is XLA's own transposed convolution (``lax.conv_transpose``, as Flax's; a
+    single library call on a GPU): the sub-pixel forms were chosen for XLA:CPU and have not been
+    measured on a GPU.
 
     Attributes:
       features: output channels.
@@ -249,6 +253,7 @@ class ConvTranspose(nn.Module):
       kernel_init: initialiser of the (kh, kw, in, out) kernel.
       bias_init: initialiser of the (out,) bias.
       dtype: computation dtype (None: that of the input); parameters stay float32.
+      sub_pixel: None picks by backend (CPU: `conv_transpose`); True / False forces one form.
     """
 
     features: int
@@ -259,6 +264,7 @@ class ConvTranspose(nn.Module):
     kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
     bias_init: Callable[..., Any] = nn.initializers.zeros_init()
     dtype: Any = None
+    sub_pixel: bool | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
@@ -270,12 +276,18 @@ class ConvTranspose(nn.Module):
             jnp.float32,
         )
         dtype = self.dtype or x.dtype
-        y = conv_transpose(
-            x.astype(dtype),
-            kernel.astype(dtype),
-            tuple(self.strides),
-            tuple(tuple(int(v) for v in p) for p in self.padding),
-        )
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        strides = tuple(int(v) for v in self.strides)
+        padding = tuple(tuple(int(v) for v in p) for p in self.padding)
+        sub_pixel = self.sub_pixel
+        if sub_pixel is None:
+            sub_pixel = jax.default_backend() == "cpu"
+        if sub_pixel:
+            y = conv_transpose(x, kernel, strides, padding)
+        else:
+            y = jax.lax.conv_transpose(
+                x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
