@@ -345,24 +345,34 @@ def _depthwise_forward(x, kernel, padding):
     kh, kw = kernel.shape[:2]
     xp = _pad_hw(x, padding)
     out_hw = (xp.shape[1] - kh + 1, xp.shape[2] - kw + 1)
-    return _shifted_products(xp, kernel, out_hw), (xp, kernel)
+    # The residual is the unpadded input: the kernel gradient below reads shifted windows of the
+    # padded output gradient, not of the padded input, so the forward pass's windows are used by
+    # the forward sum alone and XLA fuses them into it instead of storing nine copies.
+    return _shifted_products(xp, kernel, out_hw), (x, kernel)
 
 
 def _depthwise_backward(padding, residuals, g):
-    xp, kernel = residuals
+    x, kernel = residuals
     kh, kw = kernel.shape[:2]
     (lo_h, hi_h), (lo_w, hi_w) = padding
     # d out[i] / d x[m] = kernel[m + lo - i]: a correlation of g, padded by k - 1 - lo before and
     # k - 1 - hi after, with the flipped kernel.
     gp = _pad_hw(g, ((kh - 1 - lo_h, kh - 1 - hi_h), (kw - 1 - lo_w, kw - 1 - hi_w)))
-    in_hw = (xp.shape[1] - lo_h - hi_h, xp.shape[2] - lo_w - hi_w)
-    dx = _shifted_products(gp, kernel[::-1, ::-1], in_hw)
-    h, w = g.shape[1], g.shape[2]
+    h, w = x.shape[1], x.shape[2]
+    dx = _shifted_products(gp, kernel[::-1, ::-1], (h, w))
+    # kernel[a, d] multiplies pad(x)[i + a, j + d] = x[m, n] against g[i, j] = gp[m + kh - 1 - a,
+    # n + kw - 1 - d]: the same windows of gp as dx's.
     dkernel = jnp.stack(
         [
             jnp.stack(
                 [
-                    jnp.sum(xp[:, a : a + h, d : d + w, :] * g, axis=(0, 1, 2))
+                    jnp.sum(
+                        x
+                        * gp[
+                            :, kh - 1 - a : kh - 1 - a + h, kw - 1 - d : kw - 1 - d + w
+                        ],
+                        axis=(0, 1, 2),
+                    )
                     for d in range(kw)
                 ]
             )
