@@ -414,6 +414,12 @@ def data_parallel_steps(
         # With the norms flag traced, as the training loop calls it.
         state, metrics = step_fn(state, batch, True)
         losses.append(float(metrics["loss"]))
+    return losses, _save_and_restore(state, checkpoint_dir, mesh)
+
+
+def _save_and_restore(state, checkpoint_dir: str, mesh):
+    """Saves `state` (on every process), restores it into zeros of the same shardings, checks that the
+    two are identical and returns it on the host."""
     mngr = checkpointing.manager(checkpoint_dir)
     checkpointing.save(mngr, state)
     mngr.wait_until_finished()
@@ -422,7 +428,7 @@ def data_parallel_steps(
     restored = jax.device_get(checkpointing.restore_latest(mngr, fresh))
     mngr.close()
     _assert_identical(restored, host)
-    return losses, host
+    return host
 
 
 # A smaller model than the smoke config's (no transformer, 2 slots): data parallelism does not depend on
@@ -510,14 +516,7 @@ def _glue_worker(port: int, process_id: int, out_dir: str) -> None:
         ), value
 
     state, value = step(state, batch)
-    mngr = checkpointing.manager(os.path.join(out_dir, "ckpt"))
-    checkpointing.save(mngr, state)
-    mngr.wait_until_finished()
-    host = jax.device_get(state)
-    fresh = trainer.replicate(jax.tree.map(np.zeros_like, host), mesh)
-    restored = jax.device_get(checkpointing.restore_latest(mngr, fresh))
-    mngr.close()
-    _assert_identical(restored, host)
+    host = _save_and_restore(state, os.path.join(out_dir, "ckpt"), mesh)
     with open(os.path.join(out_dir, f"glue{process_id}.json"), "w") as f:
         json.dump({"loss": float(value), "w": host.params["w"].tolist()}, f)
     jax.distributed.shutdown()
