@@ -202,7 +202,7 @@ def conv_transpose(
         raise ValueError(
             f"conv_transpose: input has {c} channels, kernel expects {kc}."
         )
-    out_sizes, crops, pads, windows, phases = [], [], [], [], []
+    crops, pads, windows, phases = [], [], [], []
     for n, k, s, (lo, hi) in zip((h, w), (kh, kw), strides, padding):
         out_len = (n - 1) * s + 1 + lo + hi - k + 1
         if out_len < 1:
@@ -215,7 +215,6 @@ def conv_transpose(
         q1 = (out_len - 1 - lo) // s
         pads.append((-q0, q1 + window - 1 - (n - 1)))
         crops.append((-lo - s * q0, out_len))
-        out_sizes.append(out_len)
         windows.append(window)
         phases.append(phase)
     x = jax.lax.pad(
