@@ -180,6 +180,81 @@ def test_depthwise_module_is_a_drop_in_for_a_grouped_flax_conv(dtype):
         )
 
 
+# (input hw, kernel hw, padding): the U-Net's 3x3 'same' layers, a 1x1 layer, then asymmetric,
+# zero and larger-than-kernel padding (a negative gradient padding).
+CONV_CASES = [
+    ((9, 9), (3, 3), ((1, 1), (1, 1))),
+    ((6, 5), (1, 1), ((0, 0), (0, 0))),
+    ((7, 6), (3, 2), ((0, 2), (2, 1))),
+    ((8, 5), (3, 3), ((3, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("hw,khw,padding", CONV_CASES)
+def test_conv_matches_xla_convolution_and_its_gradients(hw, khw, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*khw, 5, 3)), jnp.float32)
+
+    def xla(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    want, want_vjp = jax.vjp(xla, x, kernel)
+    got, got_vjp = jax.vjp(jax.jit(lambda x, k: layers.conv(x, k, padding)), x, kernel)
+    chex.assert_equal_shape([got, want])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        chex.assert_equal_shape([g, w])
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kernel_size,strides,padding",
+    [
+        ((3, 3), (1, 1), "SAME"),
+        ((1, 1), (1, 1), "SAME"),
+        ((4, 4), (2, 2), ((1, 1), (1, 1))),
+    ],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_module_is_a_drop_in_for_flax_conv(kernel_size, strides, padding, dtype):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8, 8, 6)), jnp.float32)
+    kwargs = {"strides": strides, "padding": padding, "dtype": dtype}
+    init = {"bias_init": nn.initializers.normal(1.0)}
+    theirs = nn.Conv(4, kernel_size, **kwargs, **init)
+    params = theirs.init(jax.random.PRNGKey(0), x)
+    tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+
+    want = theirs.apply(params, x)
+    want_grads = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+    for products in (True, False):
+        ours = layers.Conv(4, kernel_size, products=products, **kwargs, **init)
+        # Same parameter names and shapes, so checkpoints of either load into the other.
+        chex.assert_trees_all_equal_shapes(ours.init(jax.random.PRNGKey(0), x), params)
+        got = ours.apply(params, x)
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(
+            got.astype(jnp.float32),
+            want.astype(jnp.float32),
+            atol=tolerance,
+            rtol=tolerance,
+        )
+        got_grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+        for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(
+                np.asarray(g, np.float32),
+                np.asarray(w, np.float32),
+                atol=30 * tolerance,
+                rtol=tolerance,
+            )
+
+
 def test_batch_norm_matches_pytorch_batch_norm_2d():
     """Train-mode output, running statistics (unbiased variance) after two steps, eval output."""
     import torch

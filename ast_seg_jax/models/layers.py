@@ -1,6 +1,7 @@
 """Layers shared by the convolutional networks: a transposed convolution that XLA's CPU backend
 trains faster (background model and U-Net), a depthwise convolution that it trains faster too
-(`DepthwiseConv`, Segformer's Mix-FFN), and BatchNorm with PyTorch's semantics (`BatchNorm`).
+(`DepthwiseConv`, Segformer's Mix-FFN), a convolution whose kernel gradient it computes faster
+(`Conv`, the U-Net and the window-mask CNN), and BatchNorm with PyTorch's semantics (`BatchNorm`).
 
 `ConvTranspose` computes exactly what ``flax.linen.ConvTranspose`` computes with explicit padding
 (and ``transpose_kernel=False``), with the same parameters (``kernel`` of shape
@@ -31,6 +32,7 @@ with the taps ``W[t0(r)::s]``.
 """
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -432,6 +434,158 @@ class DepthwiseConv(nn.Module):
                 feature_group_count=c,
             )
         return y + bias.astype(y.dtype)
+
+
+# Where `Conv` uses `conv` on a CPU (kernels larger than 1x1): from this many input positions
+# (batch x height x width) and input channels on. Measured forward + backward at the shapes config's
+# layers (`experiments/bench_conv.py`, batch 8): 1.3-1.7x faster on [8, 64, 64] maps of 20-23
+# channels, about even on [32, 32, 32] windows of 16-17 channels, and up to 2x slower on small maps
+# (under a millisecond either way) and on the 3-channel input layer (5.4 against 7.7 ms).
+CONV_PRODUCTS_MIN_POSITIONS = 16384
+CONV_PRODUCTS_MIN_CHANNELS = 8
+
+
+def _conv_padded(x, kernel, padding):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv(
+    x: Float[Array, "b h w c"],
+    kernel: Float[Array, "kh kw c f"],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+) -> Float[Array, "b h2 w2 f"]:
+    """Stride-1 convolution (correlation, as ``lax.conv_general_dilated``) whose kernel gradient is
+    a matrix product per kernel tap.
+
+    The forward pass and the input gradient are XLA's convolutions. The kernel gradient is what
+    XLA's CPU backend does worst when the channels are few and the maps large (the U-Net's and the
+    window-mask CNN's layers): for a 3x3 convolution from 23 to 23 channels on [8, 64, 64] maps it
+    took 25 ms as a convolution and 11 ms as nine [c, positions] x [positions, f] products, and
+    the forward pass 9 ms. A 1x1 convolution is one matrix product in both passes instead (19 ms
+    forward and backward as a convolution, 3 ms as a product). `experiments/bench_conv.py`
+    measures the forms.
+
+    Args:
+      x: [b, h, w, c] input.
+      kernel: [kh, kw, c, f] (HWIO).
+      padding: ((lo_h, hi_h), (lo_w, hi_w)) zero padding.
+
+    Returns:
+      [b, h + lo_h + hi_h - kh + 1, w + lo_w + hi_w - kw + 1, f].
+    """
+    return _conv_padded(x, kernel, padding)
+
+
+def _conv_forward(x, kernel, padding):
+    return _conv_padded(x, kernel, padding), (x, kernel)
+
+
+def _conv_backward(padding, residuals, g):
+    x, kernel = residuals
+    kh, kw, c, f = kernel.shape
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    # As in `depthwise_conv`: the input gradient correlates g, padded by k - 1 - lo before and
+    # k - 1 - hi after, with the flipped kernel (in and out swapped), and kernel[a, d] meets x
+    # against the window of that padded g at (kh - 1 - a, kw - 1 - d).
+    gp = _pad_hw(g, ((kh - 1 - lo_h, kh - 1 - hi_h), (kw - 1 - lo_w, kw - 1 - hi_w)))
+    dx = _conv_padded(gp, kernel[::-1, ::-1].transpose(0, 1, 3, 2), ((0, 0), (0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    xt = x.reshape(-1, c).T
+    dkernel = jnp.stack(
+        [
+            jnp.stack(
+                [
+                    xt
+                    @ gp[
+                        :, kh - 1 - a : kh - 1 - a + h, kw - 1 - d : kw - 1 - d + w
+                    ].reshape(-1, f)
+                    for d in range(kw)
+                ]
+            )
+            for a in range(kh)
+        ]
+    )
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+conv.defvjp(_conv_forward, _conv_backward)
+
+
+class Conv(nn.Module):
+    """Drop-in for ``nn.Conv`` (same parameters) whose stride-1 layers train faster on a CPU.
+
+    On a CPU a stride-1 layer is a matrix product if its kernel is 1x1, and `conv` if its input is
+    large enough (`CONV_PRODUCTS_MIN_POSITIONS`, `CONV_PRODUCTS_MIN_CHANNELS`); other layers, and
+    every layer on other backends, are XLA's convolution as in Flax. All give the same numbers.
+
+    Attributes:
+      features: output channels.
+      kernel_size: (kh, kw).
+      strides: (sh, sw).
+      padding: "SAME", "VALID" or ((lo_h, hi_h), (lo_w, hi_w)).
+      use_bias: add a bias.
+      kernel_init: initialiser of the (kh, kw, in, out) kernel.
+      bias_init: initialiser of the (out,) bias.
+      dtype: computation dtype (None: that of the input); parameters stay float32.
+      products: None picks by backend and size (above); True / False forces one form.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] = (1, 1)
+    padding: str | Sequence[tuple[int, int]] = "SAME"
+    use_bias: bool = True
+    kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., Any] = nn.initializers.zeros_init()
+    dtype: Any = None
+    products: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
+        """Maps [b, h, w, c] to [b, h2, w2, features]."""
+        kernel_size = tuple(int(v) for v in self.kernel_size)
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*kernel_size, x.shape[-1], self.features),
+            jnp.float32,
+        )
+        dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        strides = tuple(int(v) for v in self.strides)
+        if isinstance(self.padding, str):
+            padding = tuple(
+                jax.lax.padtype_to_pads(
+                    x.shape[1:3], kernel_size, strides, self.padding.upper()
+                )
+            )
+        else:
+            padding = tuple(tuple(int(v) for v in p) for p in self.padding)
+        products = self.products
+        if products is None:
+            products = jax.default_backend() == "cpu" and (
+                kernel_size == (1, 1)
+                or (
+                    x.shape[-1] >= CONV_PRODUCTS_MIN_CHANNELS
+                    and math.prod(x.shape[:3]) >= CONV_PRODUCTS_MIN_POSITIONS
+                )
+            )
+        if products and strides == (1, 1) and kernel_size == (1, 1):
+            xp = _pad_hw(x, padding)
+            y = (xp.reshape(-1, xp.shape[-1]) @ kernel[0, 0]).reshape(*xp.shape[:3], -1)
+        elif products and strides == (1, 1):
+            y = conv(x, kernel, padding)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            y = y + bias.astype(y.dtype)
+        return y
 
 
 class BatchNorm(nn.Module):

@@ -67,9 +67,9 @@ def _batch_norm(train: bool, name: str, dtype: Any = jnp.float32) -> layers.Batc
 
 def _conv(
     features: int, kernel: int, name: str, stride: int = 1, dtype: Any = jnp.float32
-) -> nn.Conv:
+) -> layers.Conv:
     pad = 1 if kernel > 1 else 0
-    return nn.Conv(
+    return layers.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),

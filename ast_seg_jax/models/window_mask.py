@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ast_seg_jax.models import layers
+
 
 class WindowMask(nn.Module):
     """Glimpse mask logits from the image and background windows and the decoded colour.
@@ -72,11 +74,11 @@ class WindowMask(nn.Module):
             axis=-1,
         ).astype(self.dtype)
         for i in range(self.depth):
-            x = nn.Conv(
+            x = layers.Conv(
                 self.width, (3, 3), padding="SAME", dtype=self.dtype, name=f"conv_{i}"
             )(x)
             x = nn.celu(x)
-        out = nn.Conv(
+        out = layers.Conv(
             1,
             (1, 1),
             kernel_init=nn.initializers.zeros,
