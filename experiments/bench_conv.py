@@ -11,8 +11,6 @@ milliseconds of each, how many times the model calls the layer, and the speed-up
 """
 
 import collections
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -24,6 +22,7 @@ from ml_collections import config_flags
 from ast_seg_jax import cli
 from ast_seg_jax.models import layers
 from ast_seg_jax.models.build import build_model
+from experiments import timing
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (experiments/configs/*.py[:tiny])."
@@ -32,16 +31,6 @@ _BATCH = flags.DEFINE_integer(
     "batch_size", 0, "Images per batch; 0 = the config's batch size."
 )
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repeats (median reported).")
-
-
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # Compile and warm up.
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def conv_layers(config, batch_size: int) -> collections.Counter:
@@ -113,7 +102,7 @@ def main(argv):
                 return jnp.sum(module.apply(p, x) ** 2)
 
             grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-            times.append(_time(grad, params, x, repeats=_REPEATS.value))
+            times.append(timing.median_ms(grad, params, x, repeats=_REPEATS.value))
         np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
         totals = [t + calls * m for t, m in zip(totals, times)]
         print(

@@ -15,8 +15,6 @@ Both use the same parameters; the script checks that the outputs agree.
 
 import contextlib
 import functools
-import statistics
-import time
 from unittest import mock
 
 import flax.linen as nn
@@ -28,22 +26,13 @@ from absl import app, flags
 from ast_seg_jax.models import layers
 from ast_seg_jax.models.background import BackgroundAutoencoder
 from ast_seg_jax.models.glimpse import GlimpseGenerator
+from experiments import timing
 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per batch.")
 _WIDTHS = flags.DEFINE_list(
     "widths", ["0.25", "1.0"], "Background width multipliers to measure (may be empty)."
 )
-
-
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # Compile and warm up.
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _forward_backward(module, params, x):
@@ -74,7 +63,7 @@ def _measure(name, make_module, x, repeats, models_use_subpixel):
         with patch():  # Tracing (the first call) happens under the patch.
             fn = _forward_backward(module, params, x)
             value = float(fn(params)[0])
-            results[label] = (value, _time(fn, params, repeats=repeats))
+            results[label] = (value, timing.median_ms(fn, params, repeats=repeats))
     (v_dilated, t_dilated), (v_sub, t_sub) = results["dilated"], results["subpixel"]
     if not np.isclose(v_dilated, v_sub, rtol=1e-4):
         raise RuntimeError(f"{name}: outputs differ ({v_dilated} vs {v_sub}).")

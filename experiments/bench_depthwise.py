@@ -10,9 +10,6 @@ and prints the median milliseconds of each, times the stage's number of blocks, 
 `DepthwiseConv` uses the shifted form on a CPU and the grouped one elsewhere.
 """
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,21 +17,12 @@ from absl import app, flags
 
 from ast_seg_jax.models import layers
 from ast_seg_jax.models.segformer import SegformerConfig
+from experiments import timing
 
 _VARIANT = flags.DEFINE_string("variant", "b3", "MiT variant (b0 ... b5).")
 _IMAGE = flags.DEFINE_integer("image_size", 64, "Square image side.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per batch.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
-
-
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # Compile and warm up.
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _squared_sum(module):
@@ -70,7 +58,7 @@ def main(argv):
             params = module.init(jax.random.PRNGKey(0), x)
             outputs.append(np.asarray(jax.jit(module.apply)(params, x)))
             grad = jax.jit(jax.grad(_squared_sum(module), argnums=(0, 1)))
-            times.append(_time(grad, params, x, repeats=_REPEATS.value))
+            times.append(timing.median_ms(grad, params, x, repeats=_REPEATS.value))
         np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
         totals = [t + blocks * m for t, m in zip(totals, times)]
         print(

@@ -118,6 +118,18 @@ def test_empty_output_and_channel_mismatch_are_reported():
         layers.conv_transpose(x, jnp.zeros((2, 2, 4, 1)), (1, 1), ((1, 1), (1, 1)))
 
 
+def _assert_same_values_and_vjp(ours, theirs, x, kernel, rng):
+    """`ours(x, kernel)` matches `theirs`, and so do both gradients for a random cotangent."""
+    want, want_vjp = jax.vjp(theirs, x, kernel)
+    got, got_vjp = jax.vjp(ours, x, kernel)
+    chex.assert_equal_shape([got, want])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        chex.assert_equal_shape([g, w])
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+
+
 # (input hw, kernel hw, padding): Segformer's Mix-FFN (3x3, padding 1, maps down to 1x1), then
 # asymmetric, zero and larger-than-kernel padding (a negative gradient padding).
 DEPTHWISE_CASES = [
@@ -147,14 +159,7 @@ def test_depthwise_conv_matches_grouped_convolution(hw, khw, padding):
     def shifted(x, kernel):
         return layers.depthwise_conv(x, kernel, padding)
 
-    want, want_vjp = jax.vjp(grouped, x, kernel)
-    got, got_vjp = jax.vjp(jax.jit(shifted), x, kernel)
-    chex.assert_equal_shape([got, want])
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
-        chex.assert_equal_shape([g, w])
-        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+    _assert_same_values_and_vjp(jax.jit(shifted), grouped, x, kernel, rng)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -201,14 +206,10 @@ def test_conv_matches_xla_convolution_and_its_gradients(hw, khw, padding):
             x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
 
-    want, want_vjp = jax.vjp(xla, x, kernel)
-    got, got_vjp = jax.vjp(jax.jit(lambda x, k: layers.conv(x, k, padding)), x, kernel)
-    chex.assert_equal_shape([got, want])
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
-        chex.assert_equal_shape([g, w])
-        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+    def ours(x, kernel):
+        return layers.conv(x, kernel, padding)
+
+    _assert_same_values_and_vjp(jax.jit(ours), xla, x, kernel, rng)
 
 
 @pytest.mark.parametrize(
