@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ast_seg_jax import input_pipeline, metrics, probe, visualize
-from ast_seg_jax.models.compositing import segment
+from ast_seg_jax.models.ast_model import predicted_labels
 from ast_seg_jax.typing import IMAGE, SEGMENTATION, VALID
 
 # Order of the printed table: the paper's columns.
@@ -36,7 +36,7 @@ def variables_of(state) -> dict:
 def eval_step(variables, image, *, model):
     """Predicted label maps [b, h, w] (0 = background) and reconstructions [b, h, w, 3]."""
     out = model.apply(variables, image, None, train=False)
-    return segment(out.weights), out.reconstruction
+    return predicted_labels(model, out, image), out.reconstruction
 
 
 def find_intermediate(tree, name: str):
@@ -67,6 +67,7 @@ def visual_sample(model, variables, batch: dict) -> dict:
         "reconstruction": out.reconstruction,
         "background": out.background,
         "weights": out.weights,
+        "labels": predicted_labels(model, out, image),
         "layers": out.layers,
         "masks": out.masks,
         "xy": out.xy,
@@ -171,7 +172,7 @@ def run_shape_probe(
     @jax.jit
     def predict(image):
         out = model.apply(variables, image, None, train=False)
-        return segment(out.weights), out.z_what
+        return predicted_labels(model, out, image), out.z_what
 
     return probe.shape_probe(
         lambda images: jax.device_get(predict(jnp.asarray(images))),

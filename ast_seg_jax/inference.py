@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ast_seg_jax import image_io
-from ast_seg_jax.models.compositing import segment
+from ast_seg_jax.models.ast_model import predicted_labels
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # PIL modes with a faithful RGB meaning (8-bit, and 16-bit greyscale); others (e.g. CMYK, float) are refused.
@@ -55,6 +55,11 @@ def resize_for_model(image: np.ndarray, image_hw) -> np.ndarray:
     return np.asarray(resized, np.float32) / 255.0
 
 
+def _apply_and_segment(model, variables, image):
+    out = model.apply(variables, image, None, train=False)
+    return out, predicted_labels(model, out, image)
+
+
 class Segmenter:
     """Applies a trained AST model to single images."""
 
@@ -62,7 +67,7 @@ class Segmenter:
         self.model = model
         self.variables = variables
         self.image_hw = tuple(image_hw)
-        self._apply = jax.jit(functools.partial(model.apply, train=False))
+        self._apply = jax.jit(functools.partial(_apply_and_segment, model))
 
     def __call__(self, image: np.ndarray) -> dict:
         """Segments one RGB uint8 image of any size.
@@ -74,8 +79,8 @@ class Segmenter:
         """
         h0, w0 = image.shape[:2]
         x = resize_for_model(image, self.image_hw)[None]
-        out = self._apply(self.variables, x, None)
-        labels_small = np.asarray(segment(out.weights))[0].astype(np.uint8)
+        out, labels_small = self._apply(self.variables, x)
+        labels_small = np.asarray(labels_small)[0].astype(np.uint8)
         labels = np.asarray(
             Image.fromarray(labels_small).resize((w0, h0), Image.NEAREST), np.uint8
         )

@@ -1,7 +1,7 @@
 """Pictures of what the model sees: numpy + PIL image grids, no plotting library.
 
 `sample_figure` draws one row per sample: input, reconstruction, background,
-predicted segmentation (argmax of the compositing weights), ground truth if given,
+predicted segmentation (`labels` if given, else the argmax of the compositing weights), ground truth if given,
 every object layer (its colour times its mask on a checkerboard, framed in the
 slot's colour) and, when the model sowed them, the attention maps as heatmaps with
 their soft-argmax points. Slot i (0-based) is drawn everywhere in `palette()[i + 1]`,
@@ -265,6 +265,7 @@ def _check_sample(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "xy": (b, k, 2),
         "xy_pooled": (b, k, 2),
         "segmentation": (b, h, w),
+        "labels": (b, h, w),
     }
     for key, shape in expected.items():
         if key in arrays and arrays[key].shape != shape:
@@ -279,10 +280,9 @@ def _check_sample(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 f"sample['attention'] must be [b, h', w', k] = [{b}, h', w', {k}], "
                 f"got {att.shape}."
             )
-    if "segmentation" in arrays and not np.issubdtype(
-        arrays["segmentation"].dtype, np.integer
-    ):
-        raise ValueError("sample['segmentation'] must hold integer labels.")
+    for key in ("segmentation", "labels"):
+        if key in arrays and not np.issubdtype(arrays[key].dtype, np.integer):
+            raise ValueError(f"sample[{key!r}] must hold integer labels.")
     return arrays
 
 
@@ -308,6 +308,9 @@ def sample_tiles(
     colors = palette(k + 1)
     checker = _checkerboard(*tile_hw, cell=max(4, 4 * scale))
     has_gt = "segmentation" in arrays
+    predicted = (
+        arrays["labels"] if "labels" in arrays else np.argmax(arrays["weights"], axis=1)
+    )
     has_att = "attention" in arrays
 
     titles = ["input", "reconstruction", "background", "segmentation"]
@@ -326,7 +329,7 @@ def sample_tiles(
             up(to_uint8(arrays["image"][j])),
             up(to_uint8(arrays["reconstruction"][j])),
             up(to_uint8(arrays["background"][j])),
-            up(colors[np.argmax(arrays["weights"][j], axis=0)]),
+            up(colors[predicted[j]]),
         ]
         if has_gt:
             gt = arrays["segmentation"][j]
@@ -360,8 +363,8 @@ def sample_figure(
 ) -> UInt8[np.ndarray, "H W 3"]:
     """One figure with a row per sample showing everything the model produced.
 
-    Columns: input, reconstruction, background, predicted segmentation (argmax of
-    `weights`, label colours of `palette`), ground truth (if `segmentation` is
+    Columns: input, reconstruction, background, predicted segmentation (`labels`, or the
+    argmax of `weights` without them; label colours of `palette`), ground truth (if `segmentation` is
     given), one tile per object layer (layer colour x mask on a checkerboard,
     framed in the slot colour) and, if `attention` is given, one heatmap per slot
     (upsampled to the image size, normalised by its maximum) with the soft-argmax
@@ -375,7 +378,8 @@ def sample_figure(
         `reconstruction`, `background` [b, h, w, 3] in [0, 1]; `weights`
         [b, k+1, h, w]; `layers` [b, k, h, w, 3]; `masks` [b, k, h, w]; `xy`
         [b, k, 2]. Optional: `attention` [b, h', w', k], `xy_pooled` [b, k, 2],
-        `segmentation` [b, h, w] ground-truth labels.
+        `segmentation` [b, h, w] ground-truth labels, `labels` [b, h, w] the predicted
+        labels (`compositing.segment`).
       max_samples: at most this many rows (the first samples).
 
     Returns:

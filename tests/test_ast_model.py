@@ -392,6 +392,8 @@ def test_build_model_objects_room_like_parameter_counts():
         ({"segformer_variant": "b9"}, "b9"),
         ({"feature_generator": "unet", "pretrained_encoder": "/x"}, "unet"),
         ({"unet_width": 0.0}, "unet_width"),
+        ({"segment_min_peak_weight": 1.0}, "segment_min_peak_weight"),
+        ({"segment_colour_min_weight": -0.1}, "segment_colour_min_weight"),
         ({"pretrained_encoder": "no/such/dir"}, "no/such/dir"),
     ],
 )
@@ -715,3 +717,40 @@ def test_flat_colour_paints_each_glimpse_in_its_mean_colour():
         np.asarray(flat[..., :3]), np.broadcast_to(want, flat[..., :3].shape), atol=1e-6
     )
     assert np.asarray(decoded[..., :3]).std(axis=(2, 3)).min() > 1e-4
+
+
+def test_evaluation_and_segmenter_use_the_models_segmentation_rules():
+    from ast_seg_jax import evaluator, inference
+    from ast_seg_jax.models.compositing import segment
+
+    # A low background logit lets the slots win pixels at initialisation.
+    model = tiny_ast(background_logit_init=-4.0)
+    pixels = np.random.default_rng(1).integers(0, 256, (B, *HW, 3), np.uint8)
+    image = (
+        jnp.asarray(pixels, jnp.float32) / 255.0
+    )  # What the Segmenter makes of `pixels`.
+    variables = model.init(jax.random.PRNGKey(0), image, None, train=False)
+    weights = model.apply(variables, image, None, train=False).weights
+    peaks = np.sort(np.asarray(weights[:, 1:].max(axis=(2, 3))).ravel())
+    threshold = float(peaks[len(peaks) // 2])  # About half of the slots reach it.
+    out = model.apply(variables, image, None, train=False)
+    parts = {"image": image, "background": out.background, "layers": out.layers}
+    plain = np.asarray(segment(weights))
+    dropped = np.asarray(segment(weights, threshold))
+    by_colour = np.asarray(segment(weights, threshold, 0.2, **parts))
+    assert not np.array_equal(plain, dropped)
+    assert not np.array_equal(dropped, by_colour)
+    for t, c, expected in [
+        (0.0, 0.0, plain),
+        (threshold, 0.0, dropped),
+        (threshold, 0.2, by_colour),
+    ]:
+        thresholded = model.clone(
+            segment_min_peak_weight=t, segment_colour_min_weight=c
+        )
+        labels, _ = evaluator.eval_step(variables, image, model=thresholded)
+        np.testing.assert_array_equal(labels, expected)
+        sample = evaluator.visual_sample(thresholded, variables, {"image": image})
+        np.testing.assert_array_equal(sample["labels"], expected)
+        segmenter = inference.Segmenter(thresholded, variables, HW)
+        np.testing.assert_array_equal(segmenter(pixels[0])["labels"], expected[0])

@@ -169,6 +169,60 @@ class SegmentTest(chex.TestCase):
         chex.assert_type(labels, jnp.int32)
         np.testing.assert_array_equal(labels, [[[0, 2]]])
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_min_peak_weight_drops_slots_that_never_dominate(self):
+        # Image 0: slot 1 peaks at 0.6 (its pixel 1 goes to slot 2 at 0.7 and above, to the background
+        # below); slot 2 peaks at 0.9. Image 1: every slot peaks at 0.7 or more.
+        weights = np.array(
+            [
+                [[[0.3, 0.4, 0.1]], [[0.5, 0.6, 0.0]], [[0.2, 0.0, 0.9]]],
+                [[[0.3, 0.2, 0.1]], [[0.7, 0.0, 0.0]], [[0.0, 0.8, 0.9]]],
+            ],
+            np.float32,
+        )  # [2, 3, 1, 3]
+        for threshold, expected in [
+            (0.0, [[[1, 1, 2]], [[1, 2, 2]]]),
+            (0.6, [[[1, 1, 2]], [[1, 2, 2]]]),
+            (0.7, [[[0, 0, 2]], [[1, 2, 2]]]),
+            (0.95, [[[0, 0, 0]], [[0, 0, 0]]]),
+        ]:
+            labels = self.variant(segment, static_argnums=1)(
+                jnp.asarray(weights), threshold
+            )
+            np.testing.assert_array_equal(labels, expected, err_msg=str(threshold))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_colour_rule_picks_the_closest_layer_among_those_that_draw_the_pixel(self):
+        # One image of three pixels, background + 2 slots. The image is red, green, green; the
+        # background is grey, slot 1 red and slot 2 green everywhere.
+        weights = np.array(
+            [[[[0.5, 0.1, 0.9]], [[0.3, 0.6, 0.05]], [[0.2, 0.3, 0.05]]]], np.float32
+        )  # [1, 3, 1, 3]
+        red, green = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+        image = np.array([[[red, green, green]]], np.float32)
+        background = np.full((1, 1, 3, 3), 0.5, np.float32)
+        layers = np.array([[[[red] * 3], [[green] * 3]]], np.float32)  # [1, 2, 1, 3, 3]
+
+        def labels(*settings):
+            return self.variant(segment, static_argnums=(1, 2))(
+                jnp.asarray(weights),
+                *settings,
+                image=jnp.asarray(image),
+                background=jnp.asarray(background),
+                layers=jnp.asarray(layers),
+            )
+
+        np.testing.assert_array_equal(labels(0.0, 0.0), [[[0, 1, 0]]])  # the argmax
+        # Pixel 0: background and slot 1 reach 0.25, slot 1 is red. Pixel 1: slots 1 and 2 reach it,
+        # slot 2 is green. Pixel 2: only the background reaches it.
+        np.testing.assert_array_equal(labels(0.0, 0.25), [[[1, 2, 0]]])
+        # At 0.35 slot 2 (peak 0.3) is dropped, so pixel 1 goes to slot 1, the only candidate left.
+        np.testing.assert_array_equal(labels(0.35, 0.25), [[[1, 1, 0]]])
+        # A pixel that no layer reaches keeps the argmax (here with slot 2 dropped: background).
+        np.testing.assert_array_equal(labels(0.35, 0.95), [[[0, 1, 0]]])
+        with self.assertRaisesRegex(ValueError, "needs the image"):
+            segment(jnp.asarray(weights), 0.0, 0.25)
+
 
 if __name__ == "__main__":
     absltest.main()

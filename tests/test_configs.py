@@ -68,6 +68,8 @@ def test_shapes_paper_variant_switches_off_every_extension():
         "appearance_encoder",
         "glimpse_mask",
         "flat_colour",
+        "segment_min_peak_weight",
+        "segment_colour_min_weight",
     ):
         assert paper.model[key] == official.model[key], key
     for key in (

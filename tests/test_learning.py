@@ -98,4 +98,8 @@ def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
     # the config before them (decoded blob masks) reached about 0.65 and 0.60 on the shortened command
     # and 0.756-0.774 and 0.558-0.648 on the full one: the mIoU bound tells the two apart.
     assert results["ari_fg"] > 0.75, results
-    assert results["miou"] > 0.68, results
+    assert results["miou"] > 0.70, results
+    # The masks have the objects' shapes: the linear probe of the segments' shape descriptors names the
+    # kind of MASK_PROBE_MEASURED of the found objects on this command, where the blob masks of the
+    # earlier config gave 0.168 (chance about 0.18) and the true masks give about 0.76.
+    assert results["mask_probe"] > 0.5, results

@@ -74,6 +74,19 @@ def test_slot_colours_are_consistent_between_segmentation_and_layers():
             )
 
 
+def test_segmentation_tile_shows_the_given_labels():
+    sample = _sample(k=3)
+    sample["labels"] = np.zeros((2, 16, 16), np.int32)
+    sample["labels"][0, :8] = 2
+    titles, rows = visualize.sample_tiles(sample)
+    seg_tile = rows[0][titles.index("segmentation")]
+    expected = visualize.palette(4)[sample["labels"][0].repeat(8, 0).repeat(8, 1)]
+    np.testing.assert_array_equal(seg_tile, expected)
+    sample["labels"] = sample["labels"].astype(np.float32)
+    with pytest.raises(ValueError, match="labels"):
+        visualize.sample_tiles(sample)
+
+
 def test_layer_tile_shows_layer_colour_under_a_full_mask():
     sample = _sample(k=2, attention=False, gt=False)
     sample["masks"][0, 1] = 1.0

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ast_seg_jax.models.background import BackgroundAutoencoder
-from ast_seg_jax.models.compositing import composite
+from ast_seg_jax.models.compositing import composite, segment
 from ast_seg_jax.models.crop_encoder import CropEncoder
 from ast_seg_jax.models.glimpse import GlimpseGenerator, glimpse_size_for
 from ast_seg_jax.models.segformer import Segformer, SegformerConfig
@@ -130,6 +130,11 @@ class AST(nn.Module):
       background_complexity: channel schedule of the background autoencoder.
       background_width: hidden-width multiplier of the background autoencoder.
       glimpse_size: glimpse side (32, 64 or 128); 0 picks it from the image size.
+      segment_min_peak_weight, segment_colour_min_weight: used by the segmentation only
+        (`predicted_labels`), not by the forward pass: a slot whose compositing weight stays below
+        the first everywhere takes no pixel, and a pixel that several layers draw with at least the
+        second goes to the one whose colour is closest to the image (`compositing.segment`; 0, 0 is
+        the official argmax).
       dtype: computation dtype of the three convolutional networks (feature generator,
         glimpse generator, background autoencoder): float32, or bfloat16 for mixed
         precision. Parameters, the transformer, soft-argmax, placement, compositing and the
@@ -166,6 +171,8 @@ class AST(nn.Module):
     background_complexity: bool = True
     background_width: float = 1.0
     glimpse_size: int = 0
+    segment_min_peak_weight: float = 0.0
+    segment_colour_min_weight: float = 0.0
     dtype: Any = jnp.float32
 
     @property
@@ -390,6 +397,24 @@ class AST(nn.Module):
             z_what=z_what,
             mask_distillation=mask_distillation,
         )
+
+
+def predicted_labels(
+    model: AST, out: ModelOutput, image: Float[Array, "b h w 3"]
+) -> jax.Array:
+    """The label map [b, h, w] (0 = background, k = slot k) of `model`'s output `out` for `image`.
+
+    `compositing.segment` with the model's segmentation settings; what evaluation, the probe, the
+    figures and `experiments.segment` use.
+    """
+    return segment(
+        out.weights,
+        model.segment_min_peak_weight,
+        model.segment_colour_min_weight,
+        image=image,
+        background=out.background,
+        layers=out.layers,
+    )
 
 
 def suppress_taken_positions(

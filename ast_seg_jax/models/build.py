@@ -160,6 +160,9 @@ def build_model(
         raise ValueError(
             f"config.model.glimpse_width must be > 0, got {m.glimpse_width}."
         )
+    for key in ("segment_min_peak_weight", "segment_colour_min_weight"):
+        if not 0.0 <= m.get(key, 0.0) < 1.0:
+            raise ValueError(f"config.model.{key} must be in [0, 1), got {m[key]}.")
     if not 0 < m.min_scale < m.max_scale:
         raise ValueError(
             "config.model needs 0 < min_scale < max_scale, got "
@@ -216,6 +219,8 @@ def build_model(
         background_complexity=bool(m.background_complexity),
         background_width=float(m.background_width),
         glimpse_size=int(m.glimpse_size),
+        segment_min_peak_weight=float(m.get("segment_min_peak_weight", 0.0)),
+        segment_colour_min_weight=float(m.get("segment_colour_min_weight", 0.0)),
         dtype=dtype,
     )
 

@@ -103,15 +103,62 @@ def composite(
     return reconstruction, weights
 
 
-def segment(weights: Float[Array, "b k1 H W"]) -> Int[Array, "b H W"]:
+def segment(
+    weights: Float[Array, "b k1 H W"],
+    min_peak_weight: float = 0.0,
+    colour_min_weight: float = 0.0,
+    image: Float[Array, "b H W 3"] | None = None,
+    background: Float[Array, "b H W 3"] | None = None,
+    layers: Float[Array, "b k H W 3"] | None = None,
+) -> Int[Array, "b H W"]:
     """Per-pixel label ``argmax_k w_k`` (0 = background; ties go to the lowest index).
+
+    Two rules that are not in the official code, both off by default:
+
+    * ``min_peak_weight`` > 0 (``config.model.segment_min_peak_weight``): a slot whose weight stays
+      below it at every pixel of the image takes no pixel; the argmax runs over the background and
+      the other slots. Such a slot never draws any pixel mostly by itself: its layer is everywhere
+      mixed with the background's or another slot's.
+    * ``colour_min_weight`` > 0 (``config.model.segment_colour_min_weight``): where several layers
+      mix, the pixel goes to the layer whose own colour is closest to the image (L1 over RGB),
+      among the background and the slots kept by the first rule whose weight there is at least
+      ``colour_min_weight``; a pixel that no layer reaches it with keeps the argmax. The weights
+      still decide where each layer can be: a pixel can only go to a layer that draws at least
+      this share of it.
 
     Args:
       weights: [b, k+1, H, W] compositing weights.
+      min_peak_weight: the weight in [0, 1) that a slot must reach somewhere to be segmented; 0 keeps
+        every slot (the official argmax).
+      colour_min_weight: the weight in [0, 1) from which a layer competes for a pixel by colour;
+        0 turns the rule off (the official argmax).
+      image, background, layers: the input [b, H, W, 3], the background [b, H, W, 3] and the placed
+        object colours [b, k, H, W, 3] (`ModelOutput`); needed only by the colour rule.
 
     Returns:
       [b, H, W] int32 label map.
     """
     if weights.ndim != 4:
         raise ValueError(f"segment needs weights [b, k+1, H, W], got {weights.shape}.")
-    return jnp.argmax(weights, axis=1).astype(jnp.int32)
+    keep = jnp.ones(weights.shape[:2] + (1, 1), bool)  # [b, k+1, 1, 1]
+    if min_peak_weight > 0:
+        peak = jnp.max(weights[:, 1:], axis=(2, 3), keepdims=True)  # [b, k, 1, 1]
+        keep = jnp.concatenate([keep[:, :1], peak >= min_peak_weight], axis=1)
+    kept = jnp.where(keep, weights, -1.0)
+    labels = jnp.argmax(kept, axis=1)
+    if colour_min_weight > 0:
+        if image is None or background is None or layers is None:
+            raise ValueError(
+                "segment's colour rule (colour_min_weight > 0) needs the image, the background "
+                "and the layers."
+            )
+        colours = jnp.concatenate(
+            [background[:, None], layers], axis=1
+        )  # [b, k+1, H, W, 3]
+        error = jnp.sum(jnp.abs(colours - image[:, None]), axis=-1)  # [b, k+1, H, W]
+        candidate = keep & (weights >= colour_min_weight)
+        error = jnp.where(candidate, error, jnp.inf)
+        labels = jnp.where(
+            jnp.any(candidate, axis=1), jnp.argmin(error, axis=1), labels
+        )
+    return labels.astype(jnp.int32)

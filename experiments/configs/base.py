@@ -100,6 +100,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.window_mask_width = 32  # Hidden channels of that CNN.
     # True (not official): each glimpse is painted in one colour, the mean of its decoded colours.
     config.model.flat_colour = False
+    # Two rules of the segmentation (evaluation, probe, `experiments.segment`, figures), not official;
+    # 0 turns each off (the official argmax of the compositing weights): a slot whose weight stays
+    # below segment_min_peak_weight at every pixel takes no pixel, and a pixel that several layers
+    # draw with a weight of at least segment_colour_min_weight goes to the one whose colour is
+    # closest to the image (ast_seg_jax/models/compositing.py).
+    config.model.segment_min_peak_weight = 0.0
+    config.model.segment_colour_min_weight = 0.0
     # Computation dtype of the feature generator, glimpse generator and background networks:
     # float32 (official), or bfloat16 for mixed precision (parameters, optimiser, transformer,
     # soft-argmax, compositing and losses stay float32). See the README's benchmark section.
