@@ -1,8 +1,9 @@
 """The model learns: the loss falls over a short run on built-in scenes (CI-sized), and a longer run segments.
 
-The slow test is a shortened version of the README's main job; it asserts an ARI-FG well above what trivial
-predictions get (all background, or one blob: ARI-FG 0 on scenes with two or more objects, which since the
-dataset's version 1.2.0 is every scene).
+The slow test runs the README's main job and asserts its goal (ARI-FG, mIoU (fg) and the mask probe), far
+above what trivial predictions get (all background, or one blob: ARI-FG 0 on scenes with two or more
+objects, which since the dataset's version 1.2.0 is every scene) and above what the recipe with blob masks
+reached.
 """
 
 import functools
@@ -58,9 +59,13 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
-    # The README's command with shorter phases, in a subprocess with XLA's default optimisation and one
-    # device: under this session's fast-compile flags (conftest.py) each step runs about 5x slower.
+def test_main_job_segments_the_built_in_scenes(tmp_path):
+    # The README's command as written (15-20 min on 2 CPU cores), in a subprocess with XLA's default
+    # optimisation and one device: under this session's fast-compile flags (conftest.py) each step runs
+    # about 5x slower. Only the dataset's location differs. A shortened command (150 + 2000 steps) used
+    # to stand in for it, but at that length the result depends on the float rounding of the code
+    # (ARI-FG 0.813 and 0.720, mIoU (fg) 0.757 and 0.483 on two commits that compute the same
+    # function), while the full command met the goal on every seed tried.
     env = subprocess_env(devices=1, fast_compile=False)
     workdir = tmp_path / "workdir"
     command = [
@@ -70,15 +75,6 @@ def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
         "--config=experiments/configs/shapes.py",
         f"--workdir={workdir}",
         f"--config.data.data_dir={tmp_path / 'tfds'}",
-        "--config.background.num_train_steps=150",
-        "--config.background.robust_warmup_steps=75",
-        "--config.num_train_steps=2000",
-        "--config.freeze_background_steps=1600",
-        "--config.num_eval_images=256",
-        "--config.log_images_every_steps=0",
-        # The slot-overlap loss needs the full budget: with it this command measured ARI-FG 0.680 and
-        # mIoU (fg) 0.460 (2026-12-05), against 0.909 and 0.859 for seed 0 of the full command.
-        "--config.slot_overlap_weight=0",
     ]
     proc = subprocess.run(
         command,
@@ -92,14 +88,10 @@ def test_shortened_main_job_segments_the_built_in_scenes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(workdir / "eval" / "test" / "metrics.json") as f:
         results = json.load(f)
-    # All background scores 0. With the window masks and one-colour glimpses (the present config, without
-    # the overlap loss) this command measured ARI-FG 0.850 and mIoU (fg) 0.758 with 32 channels in the
-    # window CNN and 0.813 and 0.757 with 16 (the present width) on dataset 1.2.0 (2026-12-05);
-    # the config before them (decoded blob masks) reached about 0.65 and 0.60 on the shortened command
-    # and 0.756-0.774 and 0.558-0.648 on the full one: the mIoU bound tells the two apart.
-    assert results["ari_fg"] > 0.75, results
-    assert results["miou"] > 0.70, results
-    # The masks have the objects' shapes: the linear probe of the segments' shape descriptors names the
-    # kind of MASK_PROBE_MEASURED of the found objects on this command, where the blob masks of the
-    # earlier config gave 0.168 (chance about 0.18) and the true masks give about 0.76.
-    assert results["mask_probe"] > 0.5, results
+    # The goal of the README's main job. Seeds 0-2 measured ARI-FG 0.938-0.956, mIoU (fg) 0.914-0.934
+    # and a mask probe of 0.733-0.744 (2026-12-05); the recipe with blob masks (decoded glimpse masks,
+    # argmax segmentation) scored ARI-FG 0.756-0.774 and mIoU (fg) 0.558-0.648 on this command, and its
+    # masks a mask probe of 0.168 (the true masks: about 0.76; chance about 0.18).
+    assert results["ari_fg"] >= 0.90, results
+    assert results["miou"] >= 0.85, results
+    assert results["mask_probe"] >= 0.70, results

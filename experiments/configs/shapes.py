@@ -59,7 +59,7 @@ and why:
   reconstruction alone, kept drawing rounded blobs at every budget we tried (probe of z_what at chance,
   median mask IoU 0.70); the window shows the object's edges. One colour per slot keeps a slot from
   taking two objects, since the generator keeps the colours of a scene apart. On the shortened command
-  of tests/test_learning.py: ARI-FG 85.0 and mIoU (fg) 75.8 against 61.3 and 56.7 with window masks
+  (docs/demo_experiments.md): ARI-FG 85.0 and mIoU (fg) 75.8 against 61.3 and 56.7 with window masks
   but decoded (multi-coloured) glimpses, whose slots each painted several objects. With z_what from the
   crop encoder instead of the pooled tokens every slot became invisible within 600 steps.
 - The window-mask CNN at 16 channels (`model.window_mask_width=16`, the module's default 32): at 32 it
