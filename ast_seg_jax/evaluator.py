@@ -54,20 +54,23 @@ def find_intermediate(tree, name: str):
 @functools.partial(jax.jit, static_argnames="model")
 def _forward_with_intermediates(variables, image, *, model):
     # Keyed on the (hashable) module, so periodic image summaries compile once per run.
-    return model.apply(variables, image, None, train=False, mutable=["intermediates"])
+    out, state = model.apply(
+        variables, image, None, train=False, mutable=["intermediates"]
+    )
+    return out, state, predicted_labels(model, out, image)
 
 
 def visual_sample(model, variables, batch: dict) -> dict:
     """Numpy arrays for `visualize.sample_figure` from one forward pass in eval mode."""
     image = jnp.asarray(batch[IMAGE])
-    out, state = _forward_with_intermediates(variables, image, model=model)
+    out, state, labels = _forward_with_intermediates(variables, image, model=model)
     inter = state.get("intermediates", {})
     sample = {
         "image": image,
         "reconstruction": out.reconstruction,
         "background": out.background,
         "weights": out.weights,
-        "labels": predicted_labels(model, out, image),
+        "labels": labels,
         "layers": out.layers,
         "masks": out.masks,
         "xy": out.xy,

@@ -1,8 +1,8 @@
 """Pictures of what the model sees: numpy + PIL image grids, no plotting library.
 
 `sample_figure` draws one row per sample: input, reconstruction, background,
-predicted segmentation (`labels` if given, else the argmax of the compositing weights), ground truth if given,
-every object layer (its colour times its mask on a checkerboard, framed in the
+predicted segmentation (`labels` if given, else the argmax of the compositing
+weights), ground truth if given, every object layer (its colour times its mask on a checkerboard, framed in the
 slot's colour) and, when the model sowed them, the attention maps as heatmaps with
 their soft-argmax points. Slot i (0-based) is drawn everywhere in `palette()[i + 1]`,
 the colour of label i + 1 in the segmentation; label 0 (background) is black.
