@@ -14,6 +14,7 @@ from ast_seg_jax.models.crop_encoder import CropEncoder
 from ast_seg_jax.models.segformer import SegformerConfig
 from ast_seg_jax.models.soft_argmax import soft_argmax
 from ast_seg_jax.models.spatial_transformer import extract_glimpses, place_glimpses
+from ast_seg_jax.models.unet import UNet
 from ast_seg_jax.models.window_mask import WindowMask
 from ast_seg_jax.typing import ModelOutput
 
@@ -756,3 +757,59 @@ def test_evaluation_and_segmenter_use_the_models_segmentation_rules():
     np.testing.assert_array_equal(labels, by_colour)
     segmenter = inference.Segmenter(ruled, variables, HW)
     np.testing.assert_array_equal(segmenter(pixels[0])["labels"], by_colour[0])
+
+
+def test_residual_input_feeds_the_unet_the_image_and_its_difference_from_the_background():
+    model = tiny_ast(feature_generator="unet", unet_width=0.125, residual_input=True)
+    variables = _filled_variables(model)
+    stem = variables["params"]["feature_generator"]["stem_conv"]["kernel"]
+    assert stem.shape[2] == 6
+    image = _images()
+    background = jax.random.uniform(jax.random.PRNGKey(5), image.shape)
+    apply = jax.jit(
+        lambda v, bg: model.apply(v, image, bg, train=False, mutable=["intermediates"])
+    )
+    _, inter = apply(variables, background)
+    # The attention sees the background: another background moves it.
+    _, moved = apply(variables, 1.0 - background)
+    attention = np.asarray(inter["intermediates"]["attention"][0])
+    assert (
+        np.abs(attention - np.asarray(moved["intermediates"]["attention"][0])).max()
+        > 1e-4
+    )
+    # By hand: the same U-Net on [image, image - background].
+    maps = UNet(out_channels=model.generator_channels, width=0.125).apply(
+        {
+            "params": variables["params"]["feature_generator"],
+            "batch_stats": variables["batch_stats"]["feature_generator"],
+        },
+        jnp.concatenate([image, image - background], axis=-1),
+        train=False,
+    )
+    want = jax.nn.softmax(maps[..., :K].reshape(B, -1, K), axis=1).reshape(
+        attention.shape
+    )
+    np.testing.assert_allclose(attention, np.asarray(want), atol=1e-5)
+
+    # Live background: the feature generator's input carries no gradient into the background network.
+    def attention_sum(params):
+        _, state = model.apply(
+            {**variables, "params": params},
+            image,
+            train=False,
+            mutable=["intermediates"],
+        )
+        return (state["intermediates"]["attention"][0] ** 2).sum()
+
+    grad = jax.jit(jax.grad(attention_sum))(variables["params"])
+    _assert_gradient_reaches(grad, "feature_generator", not_to="background_model")
+
+
+def test_build_model_residual_input_needs_the_unet():
+    assert not build_model(_model_config(), (64, 64)).residual_input
+    model = build_model(
+        _model_config(feature_generator="unet", residual_input=True), (64, 64)
+    )
+    assert model.residual_input
+    with pytest.raises(ValueError, match="residual_input"):
+        build_model(_model_config(residual_input=True), (64, 64))

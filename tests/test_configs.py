@@ -53,7 +53,7 @@ def test_config_builds(name, arg):
     assert module.__doc__ and "python -m experiments.train" in module.__doc__
     if arg == "tiny":
         assert config.num_train_steps <= 10 and config.background.num_train_steps <= 10
-    # The phase-1 learning-rate warm-up is not official: off in every config for now.
+    # The phase-1 learning-rate warm-up is not official: off in every config but the textured variant.
     assert config.background.warmup_steps == 0
 
 
@@ -70,6 +70,7 @@ def test_shapes_paper_variant_switches_off_every_extension():
         "flat_colour",
         "segment_min_peak_weight",
         "segment_colour_min_weight",
+        "residual_input",
     ):
         assert paper.model[key] == official.model[key], key
     for key in (
@@ -82,6 +83,40 @@ def test_shapes_paper_variant_switches_off_every_extension():
     assert paper.num_train_steps == default.num_train_steps
     assert paper.model.unet_width == default.model.unet_width
     assert shapes.get_config("paper,tiny").num_train_steps <= 10
+
+
+def test_shapes_textured_variant_changes_only_its_documented_keys():
+    from experiments.configs import shapes
+
+    default, textured = shapes.get_config(), shapes.get_config("textured")
+    changed = {
+        "data.config": "textured",
+        "background.num_train_steps": 1_000,
+        "background.learning_rate": 1e-3,
+        "background.warmup_steps": 200,
+        "background.robust_warmup_steps": 4_000,
+        "model.min_scale": 2.5,
+        "model.residual_input": True,
+        "model.segment_min_peak_weight": 0.0,
+    }
+    flat_default, flat_textured = _flatten(default), _flatten(textured)
+    assert {k for k in flat_default if flat_default[k] != flat_textured[k]} == set(
+        changed
+    )
+    for key, value in changed.items():
+        assert flat_textured[key] == value, key
+    # Its paper-faithful form switches the residual input off again.
+    assert not shapes.get_config("textured,paper").model.residual_input
+
+
+def _flatten(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def test_unknown_config_argument_is_rejected():

@@ -108,6 +108,8 @@ class AST(nn.Module):
       unet_width: multiplier of the U-Net's channel widths (1.0 = official).
       segformer_config: architecture of the Segformer (default: MiT-B3 preset).
       normalize_input: ImageNet mean/std normalisation before the Segformer (official: off).
+      residual_input: the feature generator (U-Net only) reads the image and its difference
+        from the background (gradient stopped), 6 channels; not in the official code.
       use_transformer: embed + transformer + readout between pooling and decoding.
       transformer_residual: the read-out (kernel and bias initialised to zero) is added to the
         pooled tokens, positions excepted, instead of replacing them (not official; step 3).
@@ -150,6 +152,7 @@ class AST(nn.Module):
     unet_width: float = 1.0
     segformer_config: SegformerConfig | None = None
     normalize_input: bool = False
+    residual_input: bool = False
     use_transformer: bool = True
     transformer_residual: bool = False
     slot_suppression_sigma: float = 0.0
@@ -250,8 +253,27 @@ class AST(nn.Module):
         b = image.shape[0]
         k, g = self.num_slots, self.resolved_glimpse_size
 
+        background_model = BackgroundAutoencoder(
+            tuple(self.image_hw),
+            self.background_complexity,
+            self.background_width,
+            self.dtype,
+            name="background_model",
+        )
+        if background is None:
+            background = background_model(image)[..., :3]
+        elif self.is_initializing():
+            # Create the background parameters too, so that init returns the full tree.
+            background_model(image)
+
         # 1-2. Attention logits + feature map, soft-argmax and attention pooling.
-        maps = self._feature_generator()(image, train=train)  # [b, fh, fw, C]
+        generator_input = image
+        if self.residual_input:
+            # What the background does not explain, beside the image (not in the official code).
+            # The background learns from the rendering only, not through this input.
+            residual = image - jax.lax.stop_gradient(background).astype(image.dtype)
+            generator_input = jnp.concatenate([image, residual], axis=-1)
+        maps = self._feature_generator()(generator_input, train=train)  # [b, fh, fw, C]
         if maps.shape[-1] != self.generator_channels:
             raise ValueError(
                 f"feature generator returned {maps.shape[-1]} channels, expected "
@@ -323,18 +345,6 @@ class AST(nn.Module):
                 f"appearance_encoder must be one of {APPEARANCE_ENCODERS}, got "
                 f"{self.appearance_encoder!r}."
             )
-        background_model = BackgroundAutoencoder(
-            tuple(self.image_hw),
-            self.background_complexity,
-            self.background_width,
-            self.dtype,
-            name="background_model",
-        )
-        if background is None:
-            background = background_model(image)[..., :3]
-        elif self.is_initializing():
-            # Create the background parameters too, so that init returns the full tree.
-            background_model(image)
         glimpses = GlimpseGenerator(
             g, self.dtype, self.glimpse_width, name="glimpse_generator"
         )(z_what.reshape(b * k, self.z_what_dim), logits=True).reshape(b, k, g, g, 4)

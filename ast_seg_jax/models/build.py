@@ -12,7 +12,7 @@ absent), compute_dtype ('float32' when absent; 'bfloat16' runs the convolutional
 mixed precision) and transformer_residual (False when absent); so are the later
 slot_suppression_sigma / slot_suppression_strength (0 / 1000), appearance_encoder ('pooled')
 crop_encoder_width (32), glimpse_width (1.0), glimpse_mask ('decoded'), window_mask_width
-(32) and flat_colour (False).
+(32) and flat_colour (False), and residual_input (False).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
@@ -131,6 +131,12 @@ def build_model(
             "config.model.pretrained_encoder is a Segformer checkpoint; it cannot be used "
             "with config.model.feature_generator='unet'."
         )
+    if m.get("residual_input", False) and m.feature_generator != "unet":
+        raise ValueError(
+            "config.model.residual_input=True feeds the feature generator 6 channels (the image "
+            "and its difference from the background); only feature_generator='unet' takes them, "
+            f"got {m.feature_generator!r}."
+        )
     if m.glimpse_size != 0 and m.glimpse_size not in GLIMPSE_SIZES:
         raise ValueError(
             f"config.model.glimpse_size must be 0 (from the image size) or one of "
@@ -198,6 +204,7 @@ def build_model(
         unet_width=float(m.get("unet_width", 1.0)),
         segformer_config=segformer_config,
         normalize_input=bool(m.normalize_input),
+        residual_input=bool(m.get("residual_input", False)),
         use_transformer=bool(m.use_transformer),
         transformer_residual=bool(m.get("transformer_residual", False)),
         slot_suppression_sigma=float(m.get("slot_suppression_sigma", 0.0)),

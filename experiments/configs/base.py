@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.pretrained_encoder = ""
     # ImageNet mean/std on the input (the official code feeds [0, 1]).
     config.model.normalize_input = False
+    # True (not official; U-Net only): the feature generator reads the image and its difference from
+    # the background (6 channels), so that its attention sees what the background leaves unexplained.
+    config.model.residual_input = False
     # False: pooled latents go straight to the renderer (ablation).
     config.model.use_transformer = True
     # True (not official): the transformer's read-out starts at zero and is added to the pooled
