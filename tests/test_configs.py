@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import SimulatedCrash, checkpoint_steps, crash_before_foreground_step
 
-from ast_seg_jax import checkpointing, curriculum, trainer
+from ast_seg_jax import checkpointing, curriculum, preflight, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
 NAMES = sorted(
@@ -99,7 +99,8 @@ def test_shapes_textured_variant_changes_only_its_documented_keys():
         "model.residual_input": True,
         "model.segment_min_peak_weight": 0.0,
     }
-    flat_default, flat_textured = _flatten(default), _flatten(textured)
+    flat_default = preflight.flatten(default)
+    flat_textured = preflight.flatten(textured)
     assert {k for k in flat_default if flat_default[k] != flat_textured[k]} == set(
         changed
     )
@@ -107,16 +108,6 @@ def test_shapes_textured_variant_changes_only_its_documented_keys():
         assert flat_textured[key] == value, key
     # Its paper-faithful form switches the residual input off again.
     assert not shapes.get_config("textured,paper").model.residual_input
-
-
-def _flatten(config, prefix=""):
-    out = {}
-    for key, value in config.items():
-        if hasattr(value, "items"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def test_unknown_config_argument_is_rejected():

@@ -215,9 +215,9 @@ def paper_faithful(config) -> None:
     """Switches off every extension that is not in the official code; the CPU sizing stays.
 
     The transformer's read-out replaces the tokens again (official), no slot suppression, no
-    object-entropy or slot-overlap loss (the official version 2 has neither), no residual input, z_what from the pooled
-    tokens, the glimpse generator's masks and colours (no window masks, no one-colour glimpses, no
-    distillation), the official argmax segmentation. The widths, step counts, learning rate and initialisation scales of this config
+    object-entropy or slot-overlap loss (the official version 2 has neither), no residual input,
+    z_what from the pooled tokens, the glimpse generator's masks and colours (no window masks, no
+    one-colour glimpses, no distillation), the official argmax segmentation. The widths, step counts, learning rate and initialisation scales of this config
     stay: they size the run for a CPU, they do not change the method.
     """
     config.model.transformer_residual = False
