@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from ast_seg_jax.models import AST, BackgroundAutoencoder, build_model
-from ast_seg_jax.models.ast_model import decode_latents, suppress_taken_positions
+from ast_seg_jax.models.ast_model import (
+    decode_latents,
+    residual_prior,
+    suppress_taken_positions,
+)
 from ast_seg_jax.models.crop_encoder import CropEncoder
 from ast_seg_jax.models.segformer import SegformerConfig
 from ast_seg_jax.models.soft_argmax import soft_argmax
@@ -803,6 +807,105 @@ def test_residual_input_feeds_the_unet_the_image_and_its_difference_from_the_bac
 
     grad = jax.jit(jax.grad(attention_sum))(variables["params"])
     _assert_gradient_reaches(grad, "feature_generator", not_to="background_model")
+
+
+def test_residual_prior_by_hand():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 20, 24, 3)).astype(np.float32)
+    background = rng.random((2, 20, 24, 3)).astype(np.float32)
+    distance = np.abs(image - background).sum(-1)
+    np.testing.assert_allclose(
+        residual_prior(image, background, 0.0, (20, 24)), distance, rtol=1e-6
+    )
+    # The blur is scipy's Gaussian filter with edge replication, cut at three sigma.
+    want = np.stack(
+        [
+            ndimage.gaussian_filter(d, 1.5, mode="nearest", truncate=3.0)
+            for d in distance
+        ]
+    )
+    np.testing.assert_allclose(
+        residual_prior(image, background, 1.5, (20, 24)), want, atol=1e-5
+    )
+    # On a coarser attention grid: resized, and a constant residual stays constant.
+    coarse = residual_prior(image, background, 1.5, (5, 6))
+    assert coarse.shape == (2, 5, 6)
+    flat = residual_prior(
+        np.full_like(image, 0.75), np.full_like(image, 0.5), 1.5, (5, 6)
+    )
+    np.testing.assert_allclose(flat, 0.75, rtol=1e-5)
+
+
+@pytest.mark.parametrize("feature_generator", ["unet", "segformer"])
+def test_residual_attention_prior_sends_the_slots_to_what_the_background_misses(
+    feature_generator,
+):
+    # Two squares on a flat backdrop that the given background draws exactly; the top-left
+    # square differs more from it. A large prior decides where the soft-argmax points go.
+    image = np.full((B, *HW, 3), 0.5, np.float32)
+    image[:, 4:12, 4:12] = 1.0  # Residual 1.5 per pixel.
+    image[:, 20:28, 18:26] = (0.9, 0.5, 0.5)  # Residual 0.4 per pixel.
+    background = np.full_like(image, 0.5)
+    model = tiny_ast(
+        feature_generator=feature_generator,
+        unet_width=0.125,
+        residual_attention_prior=100.0,
+        slot_suppression_sigma=0.3,
+    )
+    variables = _filled_variables(model)
+
+    def first_points(v, bg):
+        _, state = model.apply(v, image, bg, train=False, mutable=["intermediates"])
+        return state["intermediates"]["xy_pooled"][0][..., :2, :]
+
+    xy = np.asarray(jax.jit(first_points)(variables, background))
+
+    def inside(point, rows, cols):
+        # Pixel index ranges in the grid's [-1, 1] units (x, y), with a margin.
+        extent = np.array([HW[1] - 1, HW[0] - 1])
+        lo = np.array([cols[0], rows[0]]) * 2 / extent - 1 - 0.15
+        hi = np.array([cols[1], rows[1]]) * 2 / extent - 1 + 0.15
+        return bool(np.all((point >= lo) & (point <= hi)))
+
+    for i in range(B):
+        assert inside(xy[i, 0], (4, 11), (4, 11)), xy[i, 0]
+        assert inside(xy[i, 1], (20, 27), (18, 25)), xy[i, 1]
+    # The background learns from the rendering only, not through the prior.
+    grad = jax.jit(jax.grad(lambda bg: jnp.sum(first_points(variables, bg))))(
+        jnp.asarray(background)
+    )
+    assert not np.asarray(grad).any()
+
+
+def test_build_model_residual_attention_prior():
+    model = build_model(_model_config(), (64, 64))
+    assert model.residual_attention_prior == 0.0
+    assert model.residual_attention_blur == 1.5
+    model = build_model(
+        _model_config(residual_attention_prior=100.0, residual_attention_blur=2.0),
+        (64, 64),
+    )
+    assert model.residual_attention_prior == 100.0
+    assert model.residual_attention_blur == 2.0
+
+
+def test_build_model_background_median_shift():
+    from ast_seg_jax.models.build import build_background_model
+
+    assert not build_model(_model_config(), (64, 64)).background_median_shift
+    assert not build_background_model(_model_config(), (64, 64)).median_shift
+    config = _model_config(background_median_shift=True)
+    assert build_model(config, (64, 64)).background_median_shift
+    assert build_background_model(config, (64, 64)).median_shift
+    # The live background of the model is the shifted one.
+    _, _, out, _ = _eval(background_median_shift=True)
+    np.testing.assert_allclose(
+        np.median(np.asarray(out.background), axis=(1, 2)),
+        np.median(np.asarray(_images()), axis=(1, 2)),
+        atol=1e-5,
+    )
 
 
 def test_build_model_residual_input_needs_the_unet():

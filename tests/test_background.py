@@ -180,3 +180,44 @@ def test_width_multiplier_scales_only_hidden_channels():
     assert dec_q[1:-1] == tuple(max(8, round(c / 4)) for c in dec[1:-1])
     with pytest.raises(ValueError, match="width multiplier"):
         bg.channel_schedule((64, 64), False, width=0.0)
+
+
+def test_median_shift_gives_the_background_the_images_median_colour():
+    image_hw = (16, 16)
+    plain = bg.BackgroundAutoencoder(image_hw, complexity=False, width=0.25)
+    shifted = bg.BackgroundAutoencoder(
+        image_hw, complexity=False, width=0.25, median_shift=True
+    )
+    rng = np.random.default_rng(0)
+    # A muted backdrop per image, and a bright object on a sixth of it.
+    images = np.broadcast_to(
+        rng.uniform(0.3, 0.7, (2, 1, 1, 3)), (2, *image_hw, 3)
+    ).copy()
+    images += rng.normal(0, 0.02, images.shape)
+    images[:, 2:8, 3:9] = (1.0, 0.1, 0.9)
+    images = jnp.asarray(images, jnp.float32)
+    variables = jax.jit(plain.init)(jax.random.key(0, impl="unsafe_rbg"), images)
+    out = np.asarray(jax.jit(plain.apply)(variables, images))
+    got = np.asarray(jax.jit(shifted.apply)(variables, images))
+    # Same parameters; RGB moved by the median difference, the error channel untouched.
+    shift = np.median(np.asarray(images), axis=(1, 2), keepdims=True) - np.median(
+        out[..., :3], axis=(1, 2), keepdims=True
+    )
+    np.testing.assert_allclose(
+        got[..., :3], np.clip(out[..., :3] + shift, 0, 1), atol=1e-5
+    )
+    np.testing.assert_array_equal(got[..., 3], out[..., 3])
+    np.testing.assert_allclose(
+        np.median(got[..., :3], axis=(1, 2)),
+        np.median(np.asarray(images), axis=(1, 2)),
+        atol=1e-5,
+    )
+    assert np.abs(shift).max() > 0.05  # The test would notice a missing shift.
+
+    # The network still learns through the shifted output.
+    def loss(params):
+        rgb = shifted.apply({"params": params}, images)[..., :3]
+        return jnp.mean(jnp.abs(rgb - images))
+
+    grad = jax.jit(jax.grad(loss))(variables["params"])
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree_util.tree_leaves(grad))

@@ -71,6 +71,8 @@ def test_shapes_paper_variant_switches_off_every_extension():
         "segment_min_peak_weight",
         "segment_colour_min_weight",
         "residual_input",
+        "residual_attention_prior",
+        "background_median_shift",
     ):
         assert paper.model[key] == official.model[key], key
     for key in (
@@ -97,6 +99,8 @@ def test_shapes_textured_variant_changes_only_its_documented_keys():
         "background.robust_warmup_steps": 4_000,
         "model.min_scale": 2.5,
         "model.residual_input": True,
+        "model.residual_attention_prior": 100.0,
+        "model.background_median_shift": True,
         "model.segment_min_peak_weight": 0.0,
     }
     flat_default = preflight.flatten(default)
@@ -106,8 +110,11 @@ def test_shapes_textured_variant_changes_only_its_documented_keys():
     )
     for key, value in changed.items():
         assert flat_textured[key] == value, key
-    # Its paper-faithful form switches the residual input off again.
-    assert not shapes.get_config("textured,paper").model.residual_input
+    # Its paper-faithful form switches its extensions off again.
+    paper = shapes.get_config("textured,paper").model
+    assert not paper.residual_input
+    assert not paper.residual_attention_prior
+    assert not paper.background_median_shift
 
 
 def test_unknown_config_argument_is_rejected():

@@ -7,7 +7,9 @@ Forward pass (ast_model.md section 0):
    feature map Phi.
 2. ``attention_pool``: per slot, a spatial softmax of its logit map gives the soft-argmax
    position (x0, y0) and pools Phi; the slot token is [x0, y0, pooled Phi], width
-   ``D = Z + 3 + sd``. With ``slot_suppression_sigma > 0`` (not in the official code) the
+   ``D = Z + 3 + sd``. With ``residual_attention_prior > 0`` (not in the official code) every
+   slot's logits first get that weight times ``residual_prior``, the blurred distance between
+   image and background. With ``slot_suppression_sigma > 0`` (not in the official code) the
    maps are first passed through ``suppress_taken_positions``: in slot order, each slot's logits
    are lowered around the positions the earlier slots took, so that two slots do not pool the
    same object.
@@ -63,6 +65,10 @@ Deviations from the official code: the transformer layers are initialised indepe
 (paper ablation, not a code option there) decodes the pooled tokens directly;
 ``transformer_residual=True`` (off by default) is the residual read-out of step 3;
 ``slot_suppression_sigma > 0`` (off by default) is the suppression of step 2;
+``residual_attention_prior > 0`` (off by default) is the residual prior of step 2;
+``residual_input`` (off by default) feeds the U-Net the image and its difference from the
+background; ``background_median_shift`` (off by default) gives the background the image's median
+colour (`background.BackgroundAutoencoder`);
 ``appearance_encoder='crop'`` (off by default) is the crop encoder of step 4;
 ``glimpse_mask='window'`` and ``flat_colour`` (off by default) are the window mask and the
 one-colour glimpses of step 5; the
@@ -110,6 +116,10 @@ class AST(nn.Module):
       normalize_input: ImageNet mean/std normalisation before the Segformer (official: off).
       residual_input: the feature generator (U-Net only) reads the image and its difference
         from the background (gradient stopped), 6 channels; not in the official code.
+      residual_attention_prior: weight of the residual prior added to every slot's attention
+        logits (`residual_prior`; not in the official code); 0 turns it off.
+      residual_attention_blur: standard deviation, in image pixels, of the Gaussian blur of that
+        prior.
       use_transformer: embed + transformer + readout between pooling and decoding.
       transformer_residual: the read-out (kernel and bias initialised to zero) is added to the
         pooled tokens, positions excepted, instead of replacing them (not official; step 3).
@@ -131,6 +141,7 @@ class AST(nn.Module):
       background_logit_init: initial value of the learned background activation logit.
       background_complexity: channel schedule of the background autoencoder.
       background_width: hidden-width multiplier of the background autoencoder.
+      background_median_shift: the background autoencoder's `median_shift` (not official).
       glimpse_size: glimpse side (32, 64 or 128); 0 picks it from the image size.
       segment_min_peak_weight, segment_colour_min_weight: used by the segmentation only
         (`predicted_labels`), not by the forward pass: a slot whose compositing weight stays below
@@ -153,6 +164,8 @@ class AST(nn.Module):
     segformer_config: SegformerConfig | None = None
     normalize_input: bool = False
     residual_input: bool = False
+    residual_attention_prior: float = 0.0
+    residual_attention_blur: float = 1.5
     use_transformer: bool = True
     transformer_residual: bool = False
     slot_suppression_sigma: float = 0.0
@@ -173,6 +186,7 @@ class AST(nn.Module):
     background_logit_init: float = 11.0
     background_complexity: bool = True
     background_width: float = 1.0
+    background_median_shift: bool = False
     glimpse_size: int = 0
     segment_min_peak_weight: float = 0.0
     segment_colour_min_weight: float = 0.0
@@ -258,6 +272,7 @@ class AST(nn.Module):
             self.background_complexity,
             self.background_width,
             self.dtype,
+            self.background_median_shift,
             name="background_model",
         )
         if background is None:
@@ -280,6 +295,11 @@ class AST(nn.Module):
                 f"K + Z + 1 + sd = {self.generator_channels}."
             )
         logits, features = maps[..., :k], maps[..., k:]
+        if self.residual_attention_prior:
+            prior = residual_prior(
+                image, background, self.residual_attention_blur, logits.shape[1:3]
+            )
+            logits = logits + self.residual_attention_prior * prior[..., None]
         if self.slot_suppression_sigma:
             logits = suppress_taken_positions(
                 logits, self.slot_suppression_sigma, self.slot_suppression_strength
@@ -425,6 +445,42 @@ def predicted_labels(
         background=out.background,
         layers=out.layers,
     )
+
+
+def residual_prior(
+    image: Float[Array, "b h w 3"],
+    background: Float[Array, "b h w 3"],
+    blur: float,
+    grid_hw: tuple[int, int],
+) -> Float[Array, "b fh fw"]:
+    """What the background leaves unexplained, as a map on the attention grid (not official).
+
+    The per-pixel L1 distance between image and background (summed over the colour channels, so
+    in [0, 3]; the background's gradient stopped), blurred by a Gaussian of standard deviation
+    `blur` pixels (edges padded by replication; 0 skips the blur) and resized to the attention
+    grid `grid_hw` when that differs from the image's. Scaled by `residual_attention_prior`
+    and added to every slot's attention logits, it pulls the soft-argmax points towards the
+    places the background cannot draw, that is towards objects, from the first step: where the
+    background is poor (a textured backdrop), a randomly initialised feature generator puts
+    them anywhere.
+    """
+    residual = jnp.sum(
+        jnp.abs(image - jax.lax.stop_gradient(background).astype(image.dtype)), axis=-1
+    ).astype(jnp.float32)  # [b, h, w]
+    if blur > 0:
+        radius = max(1, int(3 * blur + 0.5))
+        taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / blur) ** 2)
+        taps = taps / jnp.sum(taps)
+        padded = jnp.pad(residual, ((0, 0), (radius, radius), (radius, radius)), "edge")
+        h, w = residual.shape[1:]
+        # Separable: rows, then columns, as weighted sums of shifted copies.
+        rows = sum(taps[i] * padded[:, i : i + h, :] for i in range(2 * radius + 1))
+        residual = sum(taps[i] * rows[:, :, i : i + w] for i in range(2 * radius + 1))
+    if residual.shape[1:] != tuple(grid_hw):
+        residual = jax.image.resize(
+            residual, (residual.shape[0], *grid_hw), "linear", antialias=True
+        )
+    return residual
 
 
 def suppress_taken_positions(

@@ -31,6 +31,9 @@ rules agree; for small non-square images the official decoder then differs from 
 (and for very elongated images produces a zero-sized layer). Here the decoder always mirrors
 the encoder.
 
+Extension (off by default, not in the official code): ``median_shift`` moves the RGB output of
+each image, per channel, so that its median is the image's median (attribute docstring below).
+
 GroupNorm statistics use the two-pass variance (``use_fast_variance=False``) like PyTorch;
 Flax's default E[x^2] - E[x]^2 loses precision on the large, 0-255-scaled activations.
 
@@ -345,12 +348,17 @@ class BackgroundAutoencoder(nn.Module):
       complexity: True selects the wider official channel schedule (ast_model.md 5.2, 5.5).
       width: hidden-width multiplier (1.0 = official; see `channel_schedule`).
       dtype: computation dtype of the convolutions and norms (parameters stay float32).
+      median_shift: shift each image's RGB background, per channel, by the image's median minus
+        the decoded background's median (then clip to [0, 1]); not in the official code. The
+        network then draws the backdrop's shape and shading, and the image's own median gives its
+        colour: objects cover a small part of a scene, so the median is the backdrop's.
     """
 
     image_hw: tuple[int, int]
     complexity: bool = True
     width: float = 1.0
     dtype: Any = jnp.float32
+    median_shift: bool = False
 
     def setup(self):
         self.encoder = BackgroundEncoder(
@@ -370,4 +378,10 @@ class BackgroundAutoencoder(nn.Module):
           [b, h, w, 4]: channels 0-2 the background RGB, channel 3 the predicted per-pixel
           error (in the units of the AE-NE loss divided by 3), all in [0, 1].
         """
-        return self.decoder(self.encoder(images * 255.0))
+        out = self.decoder(self.encoder(images * 255.0))
+        if not self.median_shift:
+            return out
+        rgb = out[..., :3]
+        shift = jnp.median(images.astype(jnp.float32), axis=(1, 2), keepdims=True)
+        shift = shift - jnp.median(rgb, axis=(1, 2), keepdims=True)
+        return jnp.concatenate([jnp.clip(rgb + shift, 0.0, 1.0), out[..., 3:]], axis=-1)

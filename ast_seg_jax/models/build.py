@@ -12,7 +12,8 @@ absent), compute_dtype ('float32' when absent; 'bfloat16' runs the convolutional
 mixed precision) and transformer_residual (False when absent); so are the later
 slot_suppression_sigma / slot_suppression_strength (0 / 1000), appearance_encoder ('pooled')
 crop_encoder_width (32), glimpse_width (1.0), glimpse_mask ('decoded'), window_mask_width
-(32) and flat_colour (False), and residual_input (False).
+(32) and flat_colour (False), residual_input (False), residual_attention_prior /
+residual_attention_blur (0 / 1.5) and background_median_shift (False).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
@@ -205,6 +206,8 @@ def build_model(
         segformer_config=segformer_config,
         normalize_input=bool(m.normalize_input),
         residual_input=bool(m.get("residual_input", False)),
+        residual_attention_prior=float(m.get("residual_attention_prior", 0.0)),
+        residual_attention_blur=float(m.get("residual_attention_blur", 1.5)),
         use_transformer=bool(m.use_transformer),
         transformer_residual=bool(m.get("transformer_residual", False)),
         slot_suppression_sigma=float(m.get("slot_suppression_sigma", 0.0)),
@@ -225,6 +228,7 @@ def build_model(
         background_logit_init=float(m.background_logit_init),
         background_complexity=bool(m.background_complexity),
         background_width=float(m.background_width),
+        background_median_shift=bool(m.get("background_median_shift", False)),
         glimpse_size=int(m.glimpse_size),
         segment_min_peak_weight=float(m.get("segment_min_peak_weight", 0.0)),
         segment_colour_min_weight=float(m.get("segment_colour_min_weight", 0.0)),
@@ -241,6 +245,7 @@ def build_background_model(
         complexity=bool(model_config.background_complexity),
         width=float(model_config.background_width),
         dtype=compute_dtype(model_config),
+        median_shift=bool(model_config.get("background_median_shift", False)),
     )
 
 

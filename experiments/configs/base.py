@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
     # True (not official; U-Net only): the feature generator reads the image and its difference from
     # the background (6 channels), so that its attention sees what the background leaves unexplained.
     config.model.residual_input = False
+    # > 0 (not official): every slot's attention logits get this weight times the blurred per-pixel L1
+    # distance between image and background (gradient stopped), so that the soft-argmax points start
+    # where the background fails, i.e. on objects. Blur: Gaussian, standard deviation in image pixels.
+    config.model.residual_attention_prior = 0.0
+    config.model.residual_attention_blur = 1.5
     # False: pooled latents go straight to the renderer (ablation).
     config.model.use_transformer = True
     # True (not official): the transformer's read-out starts at zero and is added to the pooled
@@ -93,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.background_complexity = True  # Wider AE-NE channel schedule.
     # Multiplier of the AE-NE hidden widths; 1.0 is the official network (< 1 is a CPU-sized deviation).
     config.model.background_width = 1.0
+    # True (not official): the background autoencoder's colours are shifted per image and channel so that
+    # their median is the image's median; the network draws the backdrop's shape, the image gives its colour.
+    config.model.background_median_shift = False
     config.model.glimpse_size = 0  # 0: 32 for images <= 64, 64 for <= 128, 128 above.
     # Multiplier of the glimpse generator's hidden channels (1.0: official).
     config.model.glimpse_width = 1.0
