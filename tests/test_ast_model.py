@@ -817,7 +817,7 @@ def test_residual_prior_by_hand():
     background = rng.random((2, 20, 24, 3)).astype(np.float32)
     distance = np.abs(image - background).sum(-1)
     np.testing.assert_allclose(
-        residual_prior(image, background, 0.0, (20, 24)), distance, rtol=1e-6
+        residual_prior(image - background, 0.0, (20, 24)), distance, rtol=1e-6
     )
     # The blur is scipy's Gaussian filter with edge replication, cut at three sigma.
     want = np.stack(
@@ -827,14 +827,12 @@ def test_residual_prior_by_hand():
         ]
     )
     np.testing.assert_allclose(
-        residual_prior(image, background, 1.5, (20, 24)), want, atol=1e-5
+        residual_prior(image - background, 1.5, (20, 24)), want, atol=1e-5
     )
     # On a coarser attention grid: resized, and a constant residual stays constant.
-    coarse = residual_prior(image, background, 1.5, (5, 6))
+    coarse = residual_prior(image - background, 1.5, (5, 6))
     assert coarse.shape == (2, 5, 6)
-    flat = residual_prior(
-        np.full_like(image, 0.75), np.full_like(image, 0.5), 1.5, (5, 6)
-    )
+    flat = residual_prior(np.full_like(image, 0.25), 1.5, (5, 6))
     np.testing.assert_allclose(flat, 0.75, rtol=1e-5)
 
 

@@ -282,11 +282,11 @@ class AST(nn.Module):
             background_model(image)
 
         # 1-2. Attention logits + feature map, soft-argmax and attention pooling.
+        # What the background does not explain (read by the two residual options, not in the
+        # official code). The background learns from the rendering only, not through it.
+        residual = image - jax.lax.stop_gradient(background).astype(image.dtype)
         generator_input = image
         if self.residual_input:
-            # What the background does not explain, beside the image (not in the official code).
-            # The background learns from the rendering only, not through this input.
-            residual = image - jax.lax.stop_gradient(background).astype(image.dtype)
             generator_input = jnp.concatenate([image, residual], axis=-1)
         maps = self._feature_generator()(generator_input, train=train)  # [b, fh, fw, C]
         if maps.shape[-1] != self.generator_channels:
@@ -297,7 +297,7 @@ class AST(nn.Module):
         logits, features = maps[..., :k], maps[..., k:]
         if self.residual_attention_prior:
             prior = residual_prior(
-                image, background, self.residual_attention_blur, logits.shape[1:3]
+                residual, self.residual_attention_blur, logits.shape[1:3]
             )
             logits = logits + self.residual_attention_prior * prior[..., None]
         if self.slot_suppression_sigma:
@@ -448,15 +448,14 @@ def predicted_labels(
 
 
 def residual_prior(
-    image: Float[Array, "b h w 3"],
-    background: Float[Array, "b h w 3"],
+    residual: Float[Array, "b h w 3"],
     blur: float,
     grid_hw: tuple[int, int],
 ) -> Float[Array, "b fh fw"]:
     """What the background leaves unexplained, as a map on the attention grid (not official).
 
-    The per-pixel L1 distance between image and background (summed over the colour channels, so
-    in [0, 3]; the background's gradient stopped), blurred by a Gaussian of standard deviation
+    `residual` is image - background. Its per-pixel L1 norm (summed over the colour channels, so
+    in [0, 3] for images and backgrounds in [0, 1]), blurred by a Gaussian of standard deviation
     `blur` pixels (edges padded by replication; 0 skips the blur) and resized to the attention
     grid `grid_hw` when that differs from the image's. Scaled by `residual_attention_prior`
     and added to every slot's attention logits, it pulls the soft-argmax points towards the
@@ -464,9 +463,7 @@ def residual_prior(
     background is poor (a textured backdrop), a randomly initialised feature generator puts
     them anywhere.
     """
-    residual = jnp.sum(
-        jnp.abs(image - jax.lax.stop_gradient(background).astype(image.dtype)), axis=-1
-    ).astype(jnp.float32)  # [b, h, w]
+    residual = jnp.sum(jnp.abs(residual), axis=-1).astype(jnp.float32)  # [b, h, w]
     if blur > 0:
         radius = max(1, int(3 * blur + 0.5))
         taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / blur) ** 2)
