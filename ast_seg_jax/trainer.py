@@ -253,16 +253,21 @@ def load_pretrained_encoder(params, checkpoint_dir: str):
     return params
 
 
-def _tree_norms(with_norms, *trees):
+def _tree_norms(with_norms, *trees, derive=None):
     """The global L2 norm of each of `trees`, or zeros when `with_norms` is false.
 
     `with_norms` is a Python bool or a traced boolean scalar. Traced, the norms are computed inside a
     `lax.cond` branch, so that a step whose metrics nobody reads (between logging and checkpoint steps)
-    does not sum the squares of every gradient, parameter and update.
+    does not sum the squares of every gradient, parameter and update. `derive`: one function per tree
+    (None: the tree itself) that makes the tree to measure from the one given, inside the branch.
     """
+    derive = derive or (None,) * len(trees)
 
     def compute(trees):
-        return tuple(optax.global_norm(tree) for tree in trees)
+        return tuple(
+            optax.global_norm(fn(tree) if fn else tree)
+            for fn, tree in zip(derive, trees)
+        )
 
     def skip(trees):
         return tuple(jnp.zeros((), jnp.float32) for _ in trees)
@@ -306,7 +311,9 @@ def background_train_step(
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     tx = optim.background_optimizer(config)
-    opt_state = optim.with_learning_rate(state.opt_state, lr)
+    opt_state = optim.with_learning_rate(
+        state.opt_state, optim.after_gradients(lr, grads)
+    )
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm, param_norm = _tree_norms(with_norms, grads, params)
@@ -391,11 +398,21 @@ def foreground_train_step(
         lambda p: loss_fn({**p, **held}), has_aux=True
     )(trainable)
     tx = optim.foreground_optimizer(config)
-    opt_state = optim.with_learning_rate(state.opt_state, lr)
+    opt_state = optim.with_learning_rate(
+        state.opt_state, optim.after_gradients(lr, grads)
+    )
     updates, opt_state = optim.update_except(tx, grads, opt_state, state.params, frozen)
     params = {**optax.apply_updates(trainable, updates), **held}
 
-    grad_norm, param_norm, update_norm = _tree_norms(with_norms, grads, params, updates)
+    # The update norm is recomputed from the new moments inside the norms' branch: passing `updates` to
+    # it would keep them as arrays at every step instead of fusing them into the parameter write.
+    grad_norm, param_norm, update_norm = _tree_norms(
+        with_norms,
+        grads,
+        params,
+        opt_state,
+        derive=(None, None, lambda s: optim.adam_updates(s, tuple(trainable))),
+    )
     # A slot counts as active if its weight reaches 1e-3 somewhere in the batch (official statistic).
     slot_max = jnp.max(out.weights[:, 1:], axis=(0, 2, 3))
     metrics = {
