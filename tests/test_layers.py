@@ -212,12 +212,46 @@ def test_conv_matches_xla_convolution_and_its_gradients(hw, khw, padding):
     _assert_same_values_and_vjp(jax.jit(ours), xla, x, kernel, rng)
 
 
+# (input hw, kernel hw, strides, padding): the background encoder's 5x5 stride-2 layers, Segformer's
+# patch embeddings (7x7 stride 4, 3x3 stride 2) and attention reduction (kernel = stride, no padding,
+# also with a remainder that the convolution drops), unequal strides and asymmetric padding.
+PATCH_CONV_CASES = [
+    ((8, 8), (5, 5), (2, 2), ((2, 2), (2, 2))),
+    ((16, 12), (7, 7), (4, 4), ((3, 3), (3, 3))),
+    ((7, 7), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((8, 8), (4, 4), (4, 4), ((0, 0), (0, 0))),
+    ((9, 10), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((9, 8), (3, 2), (2, 3), ((0, 2), (1, 0))),
+]
+
+
+@pytest.mark.parametrize("hw,khw,strides,padding", PATCH_CONV_CASES)
+def test_patch_conv_matches_xla_strided_convolution_and_its_gradients(
+    hw, khw, strides, padding
+):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*khw, 5, 3)), jnp.float32)
+
+    def xla(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def ours(x, kernel):
+        return layers.patch_conv(x, kernel, strides, padding)
+
+    _assert_same_values_and_vjp(jax.jit(ours), xla, x, kernel, rng)
+
+
 @pytest.mark.parametrize(
     "kernel_size,strides,padding",
     [
         ((3, 3), (1, 1), "SAME"),
         ((1, 1), (1, 1), "SAME"),
         ((4, 4), (2, 2), ((1, 1), (1, 1))),
+        ((5, 5), (2, 2), ((2, 2), (2, 2))),
+        ((2, 2), (2, 2), "VALID"),
     ],
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

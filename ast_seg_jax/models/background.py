@@ -255,7 +255,7 @@ class BackgroundEncoder(nn.Module):
         x = images.astype(self.dtype)
         for i, step in enumerate(steps):
             x = _with_coordinates(x)
-            x = nn.Conv(
+            x = layers.Conv(
                 channels[i + 1],
                 kernel_size=step.kernel,
                 strides=step.stride,

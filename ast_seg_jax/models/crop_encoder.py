@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ast_seg_jax.models import layers
+
 
 class CropEncoder(nn.Module):
     """Maps [n, s, s, c] crops to [n, z_what_dim] appearance vectors.
@@ -53,14 +55,14 @@ class CropEncoder(nn.Module):
                 f"CropEncoder needs crops [n, s, s, c] with s >= 8, got {crops.shape}."
             )
         x = crops.astype(self.dtype)
-        layers = (
+        blocks = (
             (self.width, 3, 1),
             (self.width, 4, 2),
             (2 * self.width, 4, 2),
             (2 * self.width, 4, 2),
         )
-        for i, (channels, kernel, stride) in enumerate(layers):
-            x = nn.Conv(
+        for i, (channels, kernel, stride) in enumerate(blocks):
+            x = layers.Conv(
                 channels,
                 (kernel, kernel),
                 strides=(stride, stride),

@@ -259,7 +259,7 @@ class OverlapPatchEmbed(nn.Module):
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 d"]:
         """Maps [b, h, w, c] to [b, ceil-ish(h / stride), ..., features] (torch conv sizes)."""
         pad = self.patch_size // 2
-        x = nn.Conv(
+        x = layers.Conv(
             self.features,
             (self.patch_size, self.patch_size),
             strides=(self.stride, self.stride),
@@ -303,7 +303,7 @@ class EfficientSelfAttention(nn.Module):
         )
         kv = x
         if self.sr_ratio > 1:
-            kv = nn.Conv(
+            kv = layers.Conv(
                 c,
                 (self.sr_ratio, self.sr_ratio),
                 strides=(self.sr_ratio, self.sr_ratio),
