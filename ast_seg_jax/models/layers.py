@@ -188,6 +188,14 @@ def conv_transpose(
 ) -> Float[Array, "b h2 w2 f"]:
     """``lax.conv_transpose(x, kernel, strides, padding)`` (NHWC, HWIO, explicit padding).
 
+    The forward pass is the sub-pixel form (module docstring). The gradients come from the output
+    gradient's patches (`_patches`, as `patch_conv` takes them): the input gradient is the strided
+    convolution of the output gradient with the flipped kernel, one matrix product [positions,
+    kh kw f] x [kh kw f, c], and the kernel gradient is x^T times the same patches, [c, positions] x
+    [positions, kh kw f]. Forward and backward of the CLEVRTEX background decoder's layers at batch 8
+    on 2 CPU cores, ms, with the sub-pixel form's own gradients (per-phase products) / these:
+    36 / 23, 351 / 330, 1044 / 971, 660 / 463 and 50 / 27 (PyTorch: 31, 292, 884, 414 and 33).
+
     Args:
       x: [b, h, w, c] input.
       kernel: [kh, kw, c, f], used as Flax's ConvTranspose uses it (not flipped).
@@ -200,6 +208,48 @@ def conv_transpose(
     Returns:
       [b, (h - 1) sh + 1 + lo_h + hi_h - kh + 1, (likewise for w), f].
     """
+    strides = tuple(int(v) for v in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv_transpose(x, kernel, strides, padding, per_phase)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose(x, kernel, strides, padding, per_phase):
+    return _sub_pixel_conv_transpose(x, kernel, strides, padding, per_phase)
+
+
+def _conv_transpose_forward(x, kernel, strides, padding, per_phase):
+    y = _sub_pixel_conv_transpose(x, kernel, strides, padding, per_phase)
+    return y, (x, kernel)
+
+
+def _conv_transpose_backward(strides, padding, per_phase, residuals, g):
+    del per_phase
+    x, kernel = residuals
+    kh, kw, c, f = kernel.shape
+    b, h, w, _ = x.shape
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    # x[i] met kernel[t] at output o = lo + s i - t, so dx[i] = sum_t g[lo + s i - t] kernel[t]^T:
+    # with t' = k - 1 - t, a stride-s correlation of g (padded by k - 1 - lo before and k - 1 - hi
+    # after, which gives exactly h positions) with the flipped kernel.
+    rows = _patches(
+        g,
+        (kh, kw),
+        strides,
+        ((kh - 1 - lo_h, kh - 1 - hi_h), (kw - 1 - lo_w, kw - 1 - hi_w)),
+    ).reshape(b * h * w, kh * kw * f)
+    flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2).reshape(kh * kw * f, c)
+    dx = (rows @ flipped).reshape(b, h, w, c)
+    dflipped = x.reshape(b * h * w, c).T @ rows  # [c, kh kw f], taps flipped.
+    dkernel = dflipped.reshape(c, kh, kw, f).transpose(1, 2, 0, 3)[::-1, ::-1]
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_conv_transpose.defvjp(_conv_transpose_forward, _conv_transpose_backward)
+
+
+def _sub_pixel_conv_transpose(x, kernel, strides, padding, per_phase):
+    """`conv_transpose`'s forward pass: one convolution per output phase, or one for all."""
     b, h, w, c = x.shape
     kh, kw, kc, f = kernel.shape
     if kc != c:
@@ -516,6 +566,33 @@ def _conv_backward(padding, residuals, g):
 conv.defvjp(_conv_forward, _conv_backward)
 
 
+def _patches(
+    x: Float[Array, "b h w c"],
+    kernel_hw: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> Float[Array, "b oh ow taps c"]:
+    """The kh x kw windows of the padded input at the strided positions, taps in (h, w) order.
+
+    Where the kernel tiles the input exactly (kernel = stride) the windows are a reshape.
+    """
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    xp = _pad_hw(x, padding)
+    b, hp, wp, c = xp.shape
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    if (kh, kw) == (sh, sw):
+        xp = xp[:, : oh * sh, : ow * sw].reshape(b, oh, sh, ow, sw, c)
+        return xp.transpose(0, 1, 3, 2, 4, 5).reshape(b, oh, ow, kh * kw, c)
+    return jnp.stack(
+        [
+            xp[:, a : a + sh * (oh - 1) + 1 : sh, d : d + sw * (ow - 1) + 1 : sw]
+            for a in range(kh)
+            for d in range(kw)
+        ],
+        axis=3,
+    )
+
+
 def patch_conv(
     x: Float[Array, "b h w c"],
     kernel: Float[Array, "kh kw c f"],
@@ -546,22 +623,8 @@ def patch_conv(
       [b, (h + lo_h + hi_h - kh) // sh + 1, (likewise for w), f].
     """
     kh, kw, c, f = kernel.shape
-    sh, sw = strides
-    xp = _pad_hw(x, padding)
-    b, hp, wp, _ = xp.shape
-    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    if (kh, kw) == (sh, sw):
-        xp = xp[:, : oh * sh, : ow * sw]
-        rows = xp.reshape(b, oh, sh, ow, sw, c).transpose(0, 1, 3, 2, 4, 5)
-    else:
-        rows = jnp.stack(
-            [
-                xp[:, a : a + sh * (oh - 1) + 1 : sh, d : d + sw * (ow - 1) + 1 : sw]
-                for a in range(kh)
-                for d in range(kw)
-            ],
-            axis=3,
-        )
+    rows = _patches(x, (kh, kw), strides, padding)
+    b, oh, ow = rows.shape[:3]
     y = rows.reshape(b * oh * ow, kh * kw * c) @ kernel.reshape(kh * kw * c, f)
     return y.reshape(b, oh, ow, f)
 
