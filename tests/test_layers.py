@@ -34,8 +34,9 @@ def _reference(x, kernel, strides, padding):
     )
 
 
-# Both ways of computing the phases (one convolution each, or one for all), and the automatic choice.
-FORMS = [True, False, None]
+# The three forms of the forward pass (one convolution per phase, one for all, one product and an
+# overlap-add), and the automatic choice.
+FORMS = [True, False, layers.OVERLAP_ADD, None]
 
 
 @pytest.mark.parametrize("per_phase", FORMS)
@@ -50,7 +51,7 @@ def test_matches_dilated_convolution(hw, khw, strides, padding, per_phase):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("per_phase", FORMS[:2])
+@pytest.mark.parametrize("per_phase", FORMS[:3])
 @pytest.mark.parametrize("hw,khw,strides,padding", CASES)
 def test_gradients_match_dilated_convolution(hw, khw, strides, padding, per_phase):
     rng = np.random.default_rng(0)

@@ -570,7 +570,7 @@ class SegformerDecodeHead(nn.Module):
         )(x)
         x = nn.relu(x)
         x = nn.Dropout(cfg.classifier_dropout, deterministic=not train)(x)
-        logits = nn.Conv(
+        logits = layers.Conv(
             self.num_outputs,
             (1, 1),
             padding="VALID",
