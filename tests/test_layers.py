@@ -336,3 +336,29 @@ def test_batch_norm_matches_pytorch_batch_norm_2d():
     assert jax.tree.structure(flax_vars) == jax.tree.structure(
         layers.BatchNorm(use_running_average=True).init(jax.random.key(0), xs[0])
     )
+
+
+def test_dropout_keeps_values_at_the_rate_flax_does_and_scales_them():
+    x = jnp.ones((64, 64, 32), jnp.float32) * 3.0
+    rate = 0.1
+    ours = layers.Dropout(rate)
+    rngs = {"dropout": jax.random.PRNGKey(0)}
+    y = jax.jit(lambda x: ours.apply({}, x, deterministic=False, rngs=rngs))(x)
+    kept = np.asarray(y) != 0
+    # 131072 Bernoulli(0.9) draws: the kept share is within 5 standard deviations of 0.9.
+    assert abs(kept.mean() - 0.9) < 5 * np.sqrt(0.9 * 0.1 / kept.size)
+    np.testing.assert_allclose(np.asarray(y)[kept], 3.0 / 0.9, rtol=1e-6)
+    # Deterministic given the key, different for another key, off when deterministic.
+    again = ours.apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(again, y)
+    other = ours.apply(
+        {}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}
+    )
+    assert np.mean((np.asarray(other) != 0) != kept) > 0.1
+    np.testing.assert_array_equal(ours.apply({}, x, deterministic=True), x)
+    # The gradient is the mask over the keep probability, as for Flax's dropout.
+    grad = jax.grad(
+        lambda x: jnp.sum(ours.apply({}, x, deterministic=False, rngs=rngs))
+    )(x)
+    np.testing.assert_allclose(np.asarray(grad), kept / 0.9, rtol=1e-6)
+    assert not np.any(layers.Dropout(1.0).apply({}, x, deterministic=False, rngs=rngs))

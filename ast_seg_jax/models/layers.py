@@ -323,9 +323,13 @@ def _sub_pixel_conv_transpose(x, kernel, strides, padding, per_phase):
         windows.append(window)
         phases.append(phase)
     sh, sw = strides
-    if per_phase is None and sh * sw > 1:
-        if c >= OVERLAP_ADD_MIN_CHANNELS and f < OVERLAP_ADD_MAX_FEATURES:
-            per_phase = OVERLAP_ADD
+    if (
+        per_phase is None
+        and sh * sw > 1
+        and c >= OVERLAP_ADD_MIN_CHANNELS
+        and f < OVERLAP_ADD_MAX_FEATURES
+    ):
+        per_phase = OVERLAP_ADD
     if per_phase == OVERLAP_ADD:
         return _overlap_add_conv_transpose(x, kernel, strides, padding)
     x = jax.lax.pad(
@@ -763,6 +767,47 @@ class Conv(nn.Module):
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
         return y
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` whose random bits come from XLA's own Threefry generator.
+
+    Same semantics as Flax's (each value kept with probability 1 - rate and scaled by 1 / (1 -
+    rate), a Bernoulli draw as ``jax.random.bernoulli`` makes it: a uniform [0, 1) float from 23
+    random bits, compared with 1 - rate), but the bits come from ``lax.rng_bit_generator`` with
+    the Threefry algorithm, keyed by 128 bits drawn from the module's 'dropout' rng, instead of
+    ``jax.random``'s Threefry written in HLO operations. The masks are as random, not the same
+    ones. On 2 CPU cores the bits for Segformer's decode-head map at 128-pixel images ([8, 32, 32,
+    768]) took 15 ms against 51 ms.
+
+    Attributes:
+      rate: probability of zeroing a value.
+      deterministic: no dropout (may be given at call time instead).
+      rng_collection: the rng stream the key comes from.
+    """
+
+    rate: float
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+        """Returns `x` with dropout applied (unchanged when deterministic or rate is 0)."""
+        deterministic = nn.merge_param(
+            "deterministic", self.deterministic, deterministic
+        )
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep = 1.0 - self.rate
+        key = jax.random.bits(self.make_rng(self.rng_collection), (4,), jnp.uint32)
+        _, bits = jax.lax.rng_bit_generator(
+            key, x.shape, jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY
+        )
+        mantissa = (bits >> 9) | jnp.uint32(0x3F800000)  # A float in [1, 2).
+        uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+        return jnp.where(uniform < keep, x / keep, jnp.zeros_like(x))
 
 
 class BatchNorm(nn.Module):
