@@ -72,8 +72,8 @@ def test_gradients_match_dilated_convolution(hw, khw, strides, padding, per_phas
 
 
 def test_wide_layers_as_tap_products_match_dilated_convolution():
-    """From PER_PHASE_MIN_FEATURES outputs on, the per-phase convolutions and their gradients are
-    matrix products per kernel tap."""
+    """From PER_PHASE_MIN_FEATURES outputs on, the per-phase convolutions are matrix products per
+    kernel tap; values and gradients match."""
     rng = np.random.default_rng(2)
     f = layers.PER_PHASE_MIN_FEATURES
     x = jnp.asarray(rng.normal(size=(2, 5, 4, 6)), jnp.float32)

@@ -56,7 +56,7 @@ def _phases(kernel: int, stride: int) -> tuple[list[tuple[int, int]], int]:
 
 
 # `conv_transpose` computes each phase on its own from this many output channels on (as matrix
-# products per tap, `_conv_valid_as_products`), and below it
+# products per tap, `_tap_products`), and below it
 # one convolution for all phases unless that would multiply by zero taps half the time or more
 # (kernel 4, stride 2). Measured per layer, forward and backward at batch 8 on a 2-core CPU (the
 # background, U-Net and glimpse layers of the configs): per phase was 1.2-2x faster from 128
@@ -80,7 +80,13 @@ def _conv_valid(x: Array, kernel: Array) -> Array:
 
 
 def _tap_products(x: Array, kernel: Array) -> Array:
-    """`_conv_valid` as a sum over the kernel taps of [positions, c] x [c, f] matrix products."""
+    """`_conv_valid` as a sum over the kernel taps of [positions, c] x [c, f] matrix products.
+
+    For the wide layers of the background decoder (hundreds of channels in and out) XLA's CPU
+    convolutions ran at 25-65 GFLOP/s on 2 cores and these products about 3x faster: a 3x3
+    convolution from 1282 to 640 channels on an [8, 18, 18] map took 498 ms as a convolution and
+    163 ms as products, forward. (`conv_transpose` supplies the gradients.)
+    """
     kh, kw, c, f = kernel.shape
     b, h, w = x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1
     out = None
@@ -89,45 +95,6 @@ def _tap_products(x: Array, kernel: Array) -> Array:
             y = x[:, a : a + h, d : d + w].reshape(-1, c) @ kernel[a, d]
             out = y if out is None else out + y
     return out.reshape(b, h, w, f)
-
-
-@jax.custom_vjp
-def _conv_valid_as_products(x: Array, kernel: Array) -> Array:
-    """`_conv_valid` computed, with its gradients, as matrix products per kernel tap.
-
-    For the wide layers of the background decoder (hundreds of channels in and out) XLA's CPU
-    convolutions ran at 25-65 GFLOP/s on 2 cores and these products about 3x faster: a 3x3
-    convolution from 1282 to 640 channels on a [8, 18, 18] map took 498 ms as a convolution and
-    163 ms as products, forward; the kernel gradient went from 344 to 120 ms. The input gradient is
-    the same sum on the padded output gradient with the kernel flipped and transposed; the kernel
-    gradient is one product [c, positions] x [positions, f] per tap.
-    """
-    return _tap_products(x, kernel)
-
-
-def _conv_valid_forward(x, kernel):
-    return _tap_products(x, kernel), (x, kernel)
-
-
-def _conv_valid_backward(residuals, g):
-    x, kernel = residuals
-    kh, kw, c, f = kernel.shape
-    h, w = g.shape[1], g.shape[2]
-    gp = jnp.pad(g, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-    dx = _tap_products(gp, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-    g = g.reshape(-1, f)
-    dkernel = jnp.stack(
-        [
-            jnp.stack(
-                [x[:, a : a + h, d : d + w].reshape(-1, c).T @ g for d in range(kw)]
-            )
-            for a in range(kh)
-        ]
-    )
-    return dx, dkernel.astype(kernel.dtype)
-
-
-_conv_valid_as_products.defvjp(_conv_valid_forward, _conv_valid_backward)
 
 
 def _per_phase_convolutions(x, kernel, phases, q_hw, strides):
@@ -148,7 +115,7 @@ def _per_phase_convolutions(x, kernel, phases, q_hw, strides):
                 :, c_h : c_h + qh + sub.shape[0] - 1, c_w : c_w + qw + sub.shape[1] - 1
             ]
             conv = (
-                _conv_valid_as_products if f >= PER_PHASE_MIN_FEATURES else _conv_valid
+                _tap_products if f >= PER_PHASE_MIN_FEATURES else _conv_valid
             )
             row.append(conv(xs, sub.astype(x.dtype)))
         rows.append(jnp.stack(row, axis=3))  # [b, qh, qw, sw, f]
