@@ -114,9 +114,7 @@ def _per_phase_convolutions(x, kernel, phases, q_hw, strides):
             xs = x[
                 :, c_h : c_h + qh + sub.shape[0] - 1, c_w : c_w + qw + sub.shape[1] - 1
             ]
-            conv = (
-                _tap_products if f >= PER_PHASE_MIN_FEATURES else _conv_valid
-            )
+            conv = _tap_products if f >= PER_PHASE_MIN_FEATURES else _conv_valid
             row.append(conv(xs, sub.astype(x.dtype)))
         rows.append(jnp.stack(row, axis=3))  # [b, qh, qw, sw, f]
     return jnp.stack(rows, axis=2)
