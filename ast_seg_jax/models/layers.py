@@ -62,6 +62,7 @@ def _phases(kernel: int, stride: int) -> tuple[list[tuple[int, int]], int]:
 # background, U-Net and glimpse layers of the configs): per phase was 1.2-2x faster from 128
 # output channels on, and at kernel 4 at any width; one convolution was faster at kernel 5 below
 # 64 output channels (up to 3x at 4), where the per-phase products are too small to run well.
+# (Measured when each form had its own gradients; the form now sets the forward pass only.)
 PER_PHASE_MIN_FEATURES = 128
 
 # ... except that a strided layer from many input channels to few output channels is one matrix
@@ -642,7 +643,7 @@ def patch_conv(
       x: [b, h, w, c] input.
       kernel: [kh, kw, c, f] (HWIO).
       strides: (sh, sw).
-      padding: ((lo_h, hi_h), (lo_w, hi_w)) zero padding, each >= 0.
+      padding: ((lo_h, hi_h), (lo_w, hi_w)) zero padding (negative values crop).
 
     Returns:
       [b, (h + lo_h + hi_h - kh) // sh + 1, (likewise for w), f].
