@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The README's GPU table in one call (sized to take under 8 minutes on one H200): the CLEVRTEX config with
 # random weights on synthetic images (no dataset, no network), phase 1 at batch 128 and phases 2 and 3 at
-# batch 64, in float32 and in bfloat16, each with its cold compile time (an empty compilation cache) and its
-# warm one (a second process that finds the program in the cache), steps/s, images/s and FLOPs per step.
+# batch 64, in float32 and in bfloat16, and phase 3 in float32 with the Segformer's blocks scanned
+# (`model.segformer_scan`), each with its cold compile time (an empty compilation cache), its warm one (a second
+# process that finds the program in the cache) and that process's tracing time, steps/s, images/s and FLOPs
+# per step.
 #
 #   experiments/gpu_check.sh [OUTDIR]          (from the repository root)
 #
@@ -11,9 +13,9 @@
 # `pip download ml_collections==1.1.0 --no-deps -d WHEELS` on a machine with a network) and pass
 # WHEELS=WHEELS: it is installed into OUTDIR/site, not into the environment.
 #
-# Stage 1 compiles the six steps at once, one process each, into a fresh cache (the GPU memory split between
+# Stage 1 compiles the seven steps at once, one process each, into a fresh cache (the GPU memory split between
 # them, no step run): their compile times are cold compiles on a machine that is compiling six programs.
-# SEQUENTIAL=1 compiles them one after the other instead (a clean cold time each; longer). Stage 2 runs the six
+# SEQUENTIAL=1 compiles them one after the other instead (a clean cold time each; longer). Stage 2 runs the seven
 # measurements one after the other with that cache: their compile time is a warm start, and each has the GPU
 # to itself. Results: OUTDIR/cold_*.json, OUTDIR/warm_*.json and the table OUTDIR/table.md (also printed).
 set -euo pipefail
@@ -45,34 +47,35 @@ print(f"jax {jax.__version__}: {jax.devices()}", flush=True)
 EOF
 
 config=experiments/configs/clevrtex.py
-# name, phase, batch size, compute dtype
+# name, phase, batch size, compute dtype, Segformer blocks scanned
 runs=(
-  "p1_f32 1 128 float32"
-  "p2_f32 2 64 float32"
-  "p3_f32 3 64 float32"
-  "p1_bf16 1 128 bfloat16"
-  "p2_bf16 2 64 bfloat16"
-  "p3_bf16 3 64 bfloat16"
+  "p1_f32 1 128 float32 False"
+  "p2_f32 2 64 float32 False"
+  "p3_f32 3 64 float32 False"
+  "p1_bf16 1 128 bfloat16 False"
+  "p2_bf16 2 64 bfloat16 False"
+  "p3_bf16 3 64 bfloat16 False"
+  "p3_f32_scan 3 64 float32 True"
 )
 
-bench() {  # name phase batch dtype prefix [extra flags...]
-  local name=$1 phase=$2 batch=$3 dtype=$4 prefix=$5
-  shift 5
+bench() {  # name phase batch dtype scan prefix [extra flags...]
+  local name=$1 phase=$2 batch=$3 dtype=$4 scan=$5 prefix=$6
+  shift 6
   python -m experiments.benchmark --config="$config" --phase="$phase" --batch_size="$batch" \
-    --config.model.compute_dtype="$dtype" --init=random --json="$out/${prefix}_${name}.json" "$@" \
-    > "$out/${prefix}_${name}.log" 2>&1
+    --config.model.compute_dtype="$dtype" --config.model.segformer_scan="$scan" --init=random \
+    --json="$out/${prefix}_${name}.json" "$@" > "$out/${prefix}_${name}.log" 2>&1
 }
 
 start=$(date +%s)
-echo "stage 1: cold compiles into an empty cache ($(if [[ "${SEQUENTIAL:-0}" == 1 ]]; then echo one at a time; else echo six at once; fi))"
+echo "stage 1: cold compiles into an empty cache ($(if [[ "${SEQUENTIAL:-0}" == 1 ]]; then echo one at a time; else echo seven at once; fi))"
 pids=()
 for run in "${runs[@]}"; do
-  read -r name phase batch dtype <<<"$run"
+  read -r name phase batch dtype scan <<<"$run"
   if [[ "${SEQUENTIAL:-0}" == 1 ]]; then
-    bench "$name" "$phase" "$batch" "$dtype" cold --compile_only
+    bench "$name" "$phase" "$batch" "$dtype" "$scan" cold --compile_only
   else
-    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 \
-      bench "$name" "$phase" "$batch" "$dtype" cold --compile_only &
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.13 \
+      bench "$name" "$phase" "$batch" "$dtype" "$scan" cold --compile_only &
     pids+=($!)
   fi
 done
@@ -86,8 +89,8 @@ echo "stage 1 took $(($(date +%s) - start)) s"
 
 echo "stage 2: timed steps, warm cache, one at a time"
 for run in "${runs[@]}"; do
-  read -r name phase batch dtype <<<"$run"
-  bench "$name" "$phase" "$batch" "$dtype" warm --repeats=5 --warmup=2 --steps_per_repeat=5 \
+  read -r name phase batch dtype scan <<<"$run"
+  bench "$name" "$phase" "$batch" "$dtype" "$scan" warm --repeats=5 --warmup=2 --steps_per_repeat=5 \
     || { echo "gpu_check: $name failed; see $out/warm_$name.log" >&2; exit 1; }
   echo "  $name done ($(($(date +%s) - start)) s)"
 done
@@ -98,22 +101,25 @@ import os
 import sys
 
 out = sys.argv[1]
-rows = ["| phase | batch | dtype | steps/s | img/s | cold compile s | warm compile s | GFLOP/step | TFLOP/s | % of peak | GPU mem GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+rows = ["| phase | batch | dtype | Segformer | steps/s | img/s | cold compile s | warm compile s | warm trace s "
+        "| GFLOP/step | TFLOP/s | % of peak | GPU mem GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def fmt(value, scale=1.0, digits=3):
     return "n/a" if value is None else f"{value / scale:.{digits}g}"
 
 
-for name in ("p1_f32", "p2_f32", "p3_f32", "p1_bf16", "p2_bf16", "p3_bf16"):
+for name in ("p1_f32", "p2_f32", "p3_f32", "p1_bf16", "p2_bf16", "p3_bf16", "p3_f32_scan"):
     with open(os.path.join(out, f"cold_{name}.json")) as f:
         cold = json.load(f)
     with open(os.path.join(out, f"warm_{name}.json")) as f:
         warm = json.load(f)
     rows.append(
-        f"| {warm['phase']} | {warm['batch_size']} | {warm['compute_dtype']} | {fmt(warm['steps_per_second'])} "
+        f"| {warm['phase']} | {warm['batch_size']} | {warm['compute_dtype']} "
+        f"| {'scanned' if name.endswith('_scan') else 'unrolled'} | {fmt(warm['steps_per_second'])} "
         f"| {fmt(warm['images_per_second'])} | {fmt(cold['compile_seconds'])} | {fmt(warm['compile_seconds'])} "
+        f"| {fmt(warm['lower_seconds'])} "
         f"| {fmt(warm['flops_per_step'], 1e9, 4)} | {fmt(warm['achieved_tflops'])} "
         f"| {fmt(warm['fraction_of_peak'], 0.01)} | {fmt(warm['peak_device_memory_bytes'], 1e9)} |"
     )

@@ -1,5 +1,6 @@
 """Tests of the full AST forward pass, its latent decoding and build_model."""
 
+import dataclasses
 import functools
 
 import jax
@@ -914,3 +915,16 @@ def test_build_model_residual_input_needs_the_unet():
     assert model.residual_input
     with pytest.raises(ValueError, match="residual_input"):
         build_model(_model_config(residual_input=True), (64, 64))
+
+
+def test_build_model_segformer_scan():
+    assert not build_model(_model_config(), (64, 64)).segformer_scan
+    assert build_model(_model_config(segformer_scan=True), (64, 64)).segformer_scan
+    # Same parameters, same forward pass (the Segformer tests compare gradients too).
+    deeper = dataclasses.replace(TINY_SEGFORMER, depths=(2, 2, 1, 1))
+    _, variables, want, _ = _eval(segformer_config=deeper)
+    model = tiny_ast(segformer_config=deeper, segformer_scan=True)
+    got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, _images())
+    np.testing.assert_allclose(got.reconstruction, want.reconstruction, atol=1e-5)
+    np.testing.assert_allclose(got.xy, want.xy, atol=1e-5)
+    np.testing.assert_allclose(got.z_what, want.z_what, atol=1e-5)

@@ -317,3 +317,97 @@ def test_linear_fuse_equals_upsample_concatenate_then_convolve():
         jax.tree.leaves(got_vjp(cotangent)), jax.tree.leaves(want_vjp(cotangent))
     ):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def _scan_case(**kwargs):
+    """(config, unrolled model, scanned model, images, variables); every stage but one has 2+ blocks."""
+    config = _tiny_config(depths=(2, 3, 1, 2), **kwargs)
+    unrolled = sf.Segformer(config, num_outputs=5)
+    scanned = sf.Segformer(config, num_outputs=5, scan_blocks=True)
+    images = jnp.asarray(_images((32, 32)))
+    return config, unrolled, scanned, images, _fake_variables(unrolled, images)
+
+
+def test_scanned_blocks_keep_the_parameters_and_match_the_unrolled_encoder():
+    _, unrolled, scanned, images, variables = _scan_case()
+    # The scanned model creates the per-block layout that checkpoints and HF conversions use.
+    scanned_shapes = jax.eval_shape(
+        lambda: scanned.init(jax.random.key(0), images, train=False)
+    )
+    assert jax.tree.map(lambda x: x.shape, scanned_shapes) == jax.tree.map(
+        jnp.shape, variables
+    )
+
+    def loss(model):
+        def fn(params):
+            out = model.apply({**variables, "params": params}, images, train=False)
+            return jnp.sum(out * jnp.linspace(-1.0, 1.0, out.size).reshape(out.shape))
+
+        return jax.jit(jax.value_and_grad(fn))(variables["params"])
+
+    (want, want_grads), (got, got_grads) = loss(unrolled), loss(scanned)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for (path, g), w in zip(
+        jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)
+    ):
+        np.testing.assert_allclose(
+            g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
+
+    # One traced block per stage instead of one per block.
+    def count(model):
+        jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, train=False))(variables)
+        names = [str(e.primitive) for e in jaxpr.jaxpr.eqns]
+        return len(jaxpr.jaxpr.eqns), names.count("scan")
+
+    (unrolled_eqns, unrolled_scans), (scanned_eqns, scans) = (
+        count(unrolled),
+        count(scanned),
+    )
+    assert (unrolled_scans, scans) == (0, 3)
+    assert scanned_eqns < unrolled_eqns
+
+
+def test_scanned_blocks_in_training():
+    # Without random layers, a training forward is deterministic: both forms agree.
+    _, unrolled, scanned, images, variables = _scan_case(
+        drop_path_rate=0.0, classifier_dropout=0.0
+    )
+
+    def train(model, key):
+        return jax.jit(
+            lambda v, k: model.apply(
+                v, images, train=True, rngs={"dropout": k}, mutable=["batch_stats"]
+            )
+        )(variables, key)
+
+    (want, want_stats), (got, got_stats) = (
+        train(unrolled, jax.random.key(1)),
+        train(scanned, jax.random.key(1)),
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        got_stats,
+        want_stats,
+    )
+    # With drop path, each key draws other masks inside the scan.
+    _, _, scanned, images, variables = _scan_case(
+        drop_path_rate=0.5, classifier_dropout=0.0
+    )
+    out_a, _ = train(scanned, jax.random.key(1))
+    out_b, _ = train(scanned, jax.random.key(2))
+    eval_out = scanned.apply(variables, images, train=False)
+    assert np.all(np.isfinite(out_a))
+    assert not np.allclose(out_a, out_b)
+    assert not np.allclose(out_a, eval_out)
+    np.testing.assert_array_equal(out_a, train(scanned, jax.random.key(1))[0])
+
+
+def test_scanned_blocks_reject_parameters_of_other_depths():
+    _, _, _, images, variables = _scan_case()
+    deeper = sf.Segformer(
+        _tiny_config(depths=(2, 4, 1, 2)), num_outputs=5, scan_blocks=True
+    )
+    with pytest.raises(ValueError, match="lack block_1_3"):
+        deeper.apply(variables, images, train=False)

@@ -113,6 +113,8 @@ class AST(nn.Module):
       feature_generator: "segformer" or "unet".
       unet_width: multiplier of the U-Net's channel widths (1.0 = official).
       segformer_config: architecture of the Segformer (default: MiT-B3 preset).
+      segformer_scan: run each Segformer stage's blocks as one scan (less to compile, same
+        parameters; `SegformerEncoder`).
       normalize_input: ImageNet mean/std normalisation before the Segformer (official: off).
       residual_input: the feature generator (U-Net only) reads the image and its difference
         from the background (gradient stopped), 6 channels; not in the official code.
@@ -162,6 +164,7 @@ class AST(nn.Module):
     feature_generator: str = "segformer"
     unet_width: float = 1.0
     segformer_config: SegformerConfig | None = None
+    segformer_scan: bool = False
     normalize_input: bool = False
     residual_input: bool = False
     residual_attention_prior: float = 0.0
@@ -219,6 +222,7 @@ class AST(nn.Module):
                 num_outputs=self.generator_channels,
                 normalize_input=self.normalize_input,
                 dtype=self.dtype,
+                scan_blocks=self.segformer_scan,
                 name="feature_generator",
             )
         if self.feature_generator == "unet":

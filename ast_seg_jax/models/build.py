@@ -13,7 +13,7 @@ mixed precision) and transformer_residual (False when absent); so are the later
 slot_suppression_sigma / slot_suppression_strength (0 / 1000), appearance_encoder ('pooled')
 crop_encoder_width (32), glimpse_width (1.0), glimpse_mask ('decoded'), window_mask_width
 (32) and flat_colour (False), residual_input (False), residual_attention_prior /
-residual_attention_blur (0 / 1.5) and background_median_shift (False).
+residual_attention_blur (0 / 1.5), background_median_shift (False) and segformer_scan (False).
 
 ``pretrained_encoder`` only fixes the architecture here: when it is set, the Segformer is
 built from the checkpoint's ``config.json`` (which must describe the same size as
@@ -204,6 +204,7 @@ def build_model(
         feature_generator=m.feature_generator,
         unet_width=float(m.get("unet_width", 1.0)),
         segformer_config=segformer_config,
+        segformer_scan=bool(m.get("segformer_scan", False)),
         normalize_input=bool(m.normalize_input),
         residual_input=bool(m.get("residual_input", False)),
         residual_attention_prior=float(m.get("residual_attention_prior", 0.0)),

@@ -217,10 +217,13 @@ class SegformerConfig:
 
 
 def _drop_path(
-    module: nn.Module, x: Float[Array, "b ..."], rate: float, train: bool
+    module: nn.Module, x: Float[Array, "b ..."], rate: float | Array, train: bool
 ) -> Float[Array, "b ..."]:
-    """Stochastic depth: zeroes whole examples of a residual branch with probability `rate`."""
-    if not train or rate == 0.0:
+    """Stochastic depth: zeroes whole examples of a residual branch with probability `rate`.
+
+    `rate` is a Python float, or a traced scalar inside a scanned stage (`SegformerEncoder`).
+    """
+    if not train or (isinstance(rate, (int, float)) and rate == 0.0):
         return x
     keep = 1.0 - rate
     rng = module.make_rng("dropout")
@@ -391,10 +394,15 @@ class MiTBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "b h w c"], *, train: bool
+        self,
+        x: Float[Array, "b h w c"],
+        *,
+        train: bool,
+        drop_path: Float[Array, ""] | None = None,
     ) -> Float[Array, "b h w c"]:
-        """Maps [b, h, w, c] to [b, h, w, c]."""
+        """Maps [b, h, w, c] to [b, h, w, c]; `drop_path` (traced) replaces the attribute's rate."""
         c = x.shape[-1]
+        rate = self.drop_path if drop_path is None else drop_path
         y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm_1")(x)
         y = EfficientSelfAttention(
             self.num_heads,
@@ -405,24 +413,94 @@ class MiTBlock(nn.Module):
             dtype=self.dtype,
             name="attention",
         )(y, train=train)
-        x = x + _drop_path(self, y, self.drop_path, train)
+        x = x + _drop_path(self, y, rate, train)
         y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm_2")(x)
         y = MixFFN(self.mlp_ratio * c, self.hidden_dropout, self.dtype, name="mlp")(
             y, train=train
         )
-        return x + _drop_path(self, y, self.drop_path, train)
+        return x + _drop_path(self, y, rate, train)
 
 
 class SegformerEncoder(nn.Module):
     """The hierarchical Mix Transformer (MiT) encoder.
 
+    With `scan_blocks`, each stage runs its blocks as one `lax.scan` over their parameters, stacked
+    at call time: the compiled program holds one block per stage instead of `depths[i]`, so tracing,
+    compiling and loading a cached program take less time (MiT-B3's third stage has 18 blocks). The
+    parameters keep the per-block layout, so checkpoints are the same either way. Outputs and
+    gradients agree with the unrolled form to float rounding; in training, the drop-path and dropout
+    masks are drawn from other keys (same distribution). On a CPU the scanned step is slower (see
+    the README's performance section), so it is off by default.
+
     Attributes:
       config: the Segformer hyper-parameters.
       dtype: computation dtype.
+      scan_blocks: run each stage's blocks as a scan (above).
     """
 
     config: SegformerConfig
     dtype: Any = jnp.float32
+    scan_blocks: bool = False
+
+    def _block(self, i: int, j: int, **kwargs) -> MiTBlock:
+        cfg = self.config
+        return MiTBlock(
+            cfg.num_heads[i],
+            cfg.sr_ratios[i],
+            cfg.mlp_ratio[i],
+            cfg.drop_path_rates()[i][j],
+            eps=cfg.layer_norm_eps,
+            attention_dropout=cfg.attention_dropout,
+            hidden_dropout=cfg.hidden_dropout,
+            dtype=self.dtype,
+            **kwargs,
+        )
+
+    def _scanned_stage(
+        self, i: int, x: Float[Array, "b h w c"], train: bool
+    ) -> Float[Array, "b h w c"]:
+        """Stage i's blocks as one scan over their stacked parameters (the params must exist)."""
+        cfg = self.config
+        depth = cfg.depths[i]
+        params = self.variables.get("params", {})
+        names = [f"block_{i}_{j}" for j in range(depth)]
+        missing = [name for name in names if name not in params]
+        if missing:
+            raise ValueError(
+                f"Segformer parameters lack {', '.join(missing)}: they do not fit depths "
+                f"{cfg.depths}."
+            )
+        stacked = jax.tree.map(
+            lambda *leaves: jnp.stack(leaves), *(params[name] for name in names)
+        )
+        block = self._block(
+            i, 0, parent=None
+        )  # Unbound: applied to each block's params.
+        rates = jnp.asarray(cfg.drop_path_rates()[i], jnp.float32)
+        random = train and (
+            max(cfg.drop_path_rates()[i]) > 0
+            or cfg.hidden_dropout > 0
+            or cfg.attention_dropout > 0
+        )
+        keys = (
+            jax.random.split(self.make_rng("dropout"), depth)
+            if random
+            else jnp.zeros((depth,), jnp.uint32)  # Unused.
+        )
+
+        def body(x, inputs):
+            block_params, rate, key = inputs
+            x = block.apply(
+                {"params": block_params},
+                x,
+                train=train,
+                drop_path=rate if random else None,
+                rngs={"dropout": key} if random else None,
+            )
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, (stacked, rates, keys))
+        return x
 
     @nn.compact
     def __call__(
@@ -444,7 +522,6 @@ class SegformerEncoder(nn.Module):
                 f"Segformer expects {cfg.num_channels} input channels (NHWC), got images "
                 f"of shape {images.shape}."
             )
-        rates = cfg.drop_path_rates()
         x = images
         features = []
         for i in range(cfg.num_stages):
@@ -461,18 +538,11 @@ class SegformerEncoder(nn.Module):
                     f"Input {images.shape[1:3]} is too small: stage {i + 1} map "
                     f"{x.shape[1:3]} is smaller than its reduction ratio {cfg.sr_ratios[i]}."
                 )
-            for j in range(cfg.depths[i]):
-                x = MiTBlock(
-                    cfg.num_heads[i],
-                    cfg.sr_ratios[i],
-                    cfg.mlp_ratio[i],
-                    rates[i][j],
-                    eps=cfg.layer_norm_eps,
-                    attention_dropout=cfg.attention_dropout,
-                    hidden_dropout=cfg.hidden_dropout,
-                    dtype=self.dtype,
-                    name=f"block_{i}_{j}",
-                )(x, train=train)
+            if self.scan_blocks and cfg.depths[i] > 1 and not self.is_initializing():
+                x = self._scanned_stage(i, x, train)
+            else:  # Also what creates the parameters, in the same layout for both forms.
+                for j in range(cfg.depths[i]):
+                    x = self._block(i, j, name=f"block_{i}_{j}")(x, train=train)
             x = nn.LayerNorm(
                 epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=f"layer_norm_{i}"
             )(x)
@@ -593,12 +663,14 @@ class Segformer(nn.Module):
         the HF image processor does). Off by default: AST feeds raw [0, 1] RGB.
       dtype: computation dtype of every layer (parameters stay float32; LayerNorm statistics,
         the attention softmax and the returned logits are float32).
+      scan_blocks: run each encoder stage's blocks as one scan (`SegformerEncoder`).
     """
 
     config: SegformerConfig
     num_outputs: int
     normalize_input: bool = False
     dtype: Any = jnp.float32
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(
@@ -614,9 +686,9 @@ class Segformer(nn.Module):
             mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
             std = jnp.asarray(IMAGENET_STD, images.dtype)
             images = (images - mean) / std
-        features = SegformerEncoder(self.config, self.dtype, name="encoder")(
-            images, train=train
-        )
+        features = SegformerEncoder(
+            self.config, self.dtype, self.scan_blocks, name="encoder"
+        )(images, train=train)
         return SegformerDecodeHead(
             self.config, self.num_outputs, self.dtype, name="decode_head"
         )(features, train=train)

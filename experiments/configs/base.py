@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.clean_latent_layout = False
     config.model.feature_generator = "segformer"  # segformer | unet
     config.model.segformer_variant = "b3"  # b0 .. b5
+    # Run each Segformer stage's blocks as one scan: less to compile and a faster cached start, the
+    # same parameters and checkpoints; slower steps on a CPU (README, "Performance").
+    config.model.segformer_scan = False
     # Multiplier of the U-Net's channel widths; 1.0 is the official network (< 1 is a CPU-sized deviation).
     config.model.unet_width = 1.0
     # Local Hugging Face checkpoint dir (config.json + model.safetensors) for the MiT encoder, e.g. a
