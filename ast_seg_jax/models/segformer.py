@@ -461,7 +461,7 @@ class SegformerEncoder(nn.Module):
     ) -> Float[Array, "b h w c"]:
         """Stage i's blocks as one scan over their stacked parameters (the params must exist)."""
         cfg = self.config
-        depth = cfg.depths[i]
+        depth, stage_rates = cfg.depths[i], cfg.drop_path_rates()[i]
         params = self.variables.get("params", {})
         names = [f"block_{i}_{j}" for j in range(depth)]
         missing = [name for name in names if name not in params]
@@ -473,20 +473,14 @@ class SegformerEncoder(nn.Module):
         stacked = jax.tree.map(
             lambda *leaves: jnp.stack(leaves), *(params[name] for name in names)
         )
-        block = self._block(
-            i, 0, parent=None
-        )  # Unbound: applied to each block's params.
-        rates = jnp.asarray(cfg.drop_path_rates()[i], jnp.float32)
+        # Unbound: applied to each block's parameters in turn.
+        block = self._block(i, 0, parent=None)
         random = train and (
-            max(cfg.drop_path_rates()[i]) > 0
-            or cfg.hidden_dropout > 0
-            or cfg.attention_dropout > 0
+            max(stage_rates) > 0 or cfg.hidden_dropout > 0 or cfg.attention_dropout > 0
         )
-        keys = (
-            jax.random.split(self.make_rng("dropout"), depth)
-            if random
-            else jnp.zeros((depth,), jnp.uint32)  # Unused.
-        )
+        # Per-block drop-path rates and keys, scanned with the parameters; None when nothing is random.
+        rates = jnp.asarray(stage_rates, jnp.float32) if random else None
+        keys = jax.random.split(self.make_rng("dropout"), depth) if random else None
 
         def body(x, inputs):
             block_params, rate, key = inputs
@@ -494,7 +488,7 @@ class SegformerEncoder(nn.Module):
                 {"params": block_params},
                 x,
                 train=train,
-                drop_path=rate if random else None,
+                drop_path=rate,
                 rngs={"dropout": key} if random else None,
             )
             return x, None
